@@ -1,0 +1,113 @@
+"""What a report analyses and how hard it works (:class:`ReportConfig`), with the two presets.
+
+The ``default`` preset is sized for the bundled ``dust3r-toy`` on a 2-core CPU (about ten
+minutes end to end); ``fast`` is a smoke run of every step (under a minute) used by the tests.
+Any field can be overridden (``ReportConfig.preset("default").replace(pairs=256)``, or the
+command line's options).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..adapters.base import ConfigMixin
+
+PATCH_PER = ("site", "head")
+PROBE_KINDS = ("mlp", "linear")
+
+
+@dataclass(frozen=True)
+class ReportConfig(ConfigMixin):
+    """Every knob of ``mv-interp report`` (what each step computes is a function of these and the model)."""
+
+    pairs: int = 64
+    """Held-out pairs every measurement uses: probe evaluation, head scores, the knockout
+    (synthetic scenes from :data:`mv_interp.probes.EVAL_SEED`, or the last tuples of ``--data``)."""
+    probe_steps: int = 300
+    """Optimiser steps of the probes (one frozen backbone pass each; about 1 s per step for
+    dust3r-toy on a 2-core CPU, where the loss has levelled off)."""
+    batch_size: int = 8
+    """Pairs per probe-training step (and per evaluation / scoring batch)."""
+    probe_width: int = 256
+    """Hidden width of the 5-layer MLP probes (the paper's is 512; narrower trains faster on a CPU)."""
+    probe_layers: int = 5
+    """Linear layers of the MLP probes (the paper's 5)."""
+    probe_kinds: Sequence[str] = ("mlp",)
+    """Probe kinds trained at every site: ``"mlp"`` (always) and optionally ``"linear"`` (Appendix A)."""
+    lr: float = 1e-3
+    """AdamW learning rate of the probes."""
+    train_pool: int = 0
+    """Training pairs rendered once and revisited in seeded epochs (shared by probes and control);
+    0 renders fresh synthetic scenes every step. Ignored with ``--data``."""
+    control: bool = True
+    """Train the random-backbone control (the same probes on a re-initialised copy of the model)."""
+    control_steps: int | None = 80
+    """Steps of the control (``None``: ``probe_steps``). A probe on a random backbone levels off
+    early (it can only learn the average room), so fewer steps suffice."""
+    seed: int = 0
+    """Seed of the probes' initialisation and of the first synthetic training scene."""
+    knockout_k: int = 5
+    """Register tokens knocked out per head and example (the paper's five)."""
+    patch_pairs: int = 4
+    """Clean/corrupted pairs averaged in each patching-sweep cell."""
+    patch_per: Sequence[str] = PATCH_PER
+    """Patching sweeps to run: per ``"site"`` (every residual and sublayer output) and/or per ``"head"``."""
+    max_points: int = 4000
+    """Points per view in each 4D viewer frame."""
+    overlay_queries: int = 4
+    """Query patches drawn in each attention-overlay figure."""
+
+    def __post_init__(self) -> None:
+        kinds = (self.probe_kinds,) if isinstance(self.probe_kinds, str) else tuple(self.probe_kinds)
+        if "mlp" not in kinds or any(k not in PROBE_KINDS for k in kinds):
+            raise ValueError(f"ReportConfig.probe_kinds={list(kinds)}: include 'mlp', optionally 'linear'")
+        object.__setattr__(self, "probe_kinds", kinds)
+        per = (self.patch_per,) if isinstance(self.patch_per, str) else tuple(self.patch_per)
+        if any(p not in PATCH_PER for p in per):
+            raise ValueError(f"ReportConfig.patch_per={list(per)}: choose from {PATCH_PER}")
+        object.__setattr__(self, "patch_per", per)
+        for name in ("pairs", "probe_steps", "batch_size", "probe_width", "probe_layers", "knockout_k", "max_points"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"ReportConfig.{name}={getattr(self, name)} must be >= 1")
+        if self.pairs < 2:
+            raise ValueError(f"ReportConfig.pairs={self.pairs}: need at least 2 pairs (an easy and a hard one)")
+        if self.patch_pairs < 1 or self.patch_pairs > self.pairs:
+            raise ValueError(f"ReportConfig.patch_pairs={self.patch_pairs} must be in 1..pairs ({self.pairs})")
+        if self.control_steps is not None and self.control_steps < 1:
+            raise ValueError(f"ReportConfig.control_steps={self.control_steps} must be >= 1 (or None)")
+        if self.train_pool < 0 or not self.lr > 0:
+            raise ValueError("ReportConfig: need train_pool >= 0 and lr > 0")
+
+    @property
+    def n_control_steps(self) -> int:
+        return self.control_steps if self.control_steps is not None else self.probe_steps
+
+    @classmethod
+    def preset(cls, name: str) -> ReportConfig:
+        """``"default"`` (about ten minutes on a 2-core CPU for dust3r-toy) or ``"fast"`` (a smoke run)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown report preset {name!r}; presets: {sorted(PRESETS)}")
+        return PRESETS[name]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        d["probe_kinds"], d["patch_per"] = list(self.probe_kinds), list(self.patch_per)
+        return d
+
+    def changed(self, **changes: Any) -> ReportConfig:
+        """A copy with the given fields changed; ``None`` values are ignored (unset CLI options)."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"ReportConfig has no field(s) {unknown}")
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, ReportConfig] = {
+    "default": ReportConfig(),
+    "fast": ReportConfig(pairs=8, probe_steps=12, batch_size=4, probe_width=64, probe_layers=3, control_steps=6,
+                         patch_pairs=2, patch_per=("site",), max_points=1500, overlay_queries=2),
+}

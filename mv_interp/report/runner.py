@@ -1,0 +1,187 @@
+"""``run_report``: the whole analysis of one model into one output folder and one HTML page."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import analysis as A
+from .config import ReportConfig
+from .steps import Steps, digest
+
+REPORT = "report.html"
+SUMMARY = "summary.json"
+TITLES = {
+    "probes": "train pointmap probes at every site",
+    "control": "train the random-backbone control probes",
+    "evaluate": "evaluate probes, lens and control per site",
+    "heads": "score and classify every attention head",
+    "knockout": "knock out the register tokens (Appendix G)",
+    "patching": "activation-patching sweeps",
+    "views": "4D views of the easy and hard pair",
+}
+STEP_NAMES = tuple(TITLES)
+
+
+def model_name(spec: Any) -> str:
+    """A display name for what ``load_model`` was given."""
+    if isinstance(spec, (str, os.PathLike)):
+        from ..api import list_models
+
+        s = str(spec)
+        return s if s in list_models() else Path(s).name
+    return type(spec).__name__
+
+
+def model_card(spec: Any) -> str | None:
+    """The model card (``README.md``) of a bundled model or of an HF-style model directory."""
+    if not isinstance(spec, (str, os.PathLike)):
+        return None
+    from ..api import list_models
+    from ..loading import BUNDLED_DIR
+
+    s = str(spec)
+    candidates = [BUNDLED_DIR / s / "README.md"] if s in list_models() else []
+    if Path(s).is_dir():
+        candidates.append(Path(s) / "README.md")
+    for c in candidates:
+        if c.is_file():
+            return c.read_text()
+    return None
+
+
+def _environment(module: Any) -> dict[str, Any]:
+    import mv_interp
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    dev = module.device
+    return {"mv_interp": mv_interp.__version__, "torch": torch.__version__, "python": sys.version.split()[0],
+            "platform": platform.platform(), "cpu": cpu, "cpu_threads": torch.get_num_threads(),
+            "device": str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else "")}
+
+
+def run_report(model: Any = "dust3r-toy", config: ReportConfig | None = None, out: str | os.PathLike = "mv_interp_out",
+               *, data: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+               model_config: Any = None, family: str | None = None, force: bool | Iterable[str] = False,
+               progress: bool = True, log: Callable[[str], None] = print, command: str = "") -> dict[str, Path]:
+    """Run every step of the report (reusing finished ones) and write ``OUT/report.html``.
+
+    Args:
+        model: anything :func:`mv_interp.load_model` takes (bundled name, official ``.pth``, HF dir,
+            state dict file with ``model_config``), or an already loaded model.
+        config: :class:`ReportConfig` (default: the ``default`` preset).
+        out: output folder (created); a re-run into the same folder reuses finished steps.
+        data: a capture directory (``docs/data.md``) instead of synthetic rooms.
+        force: ``True`` recomputes every step; a list of step names recomputes those (and, as their
+            results change, everything downstream).
+
+    Returns ``{"html": …, "summary": …, "manifest": …}``.
+
+    >>> run_report("dust3r-toy", ReportConfig.preset("fast"), "runs/report")
+    """
+    from ..api import load_model
+    from ..probes.probeset import fingerprint, unwrap
+
+    t_start = time.perf_counter()
+    cfg = config or ReportConfig.preset("default")
+    out = Path(out)
+    if not isinstance(force, bool):
+        force = list(force)
+        unknown = sorted(set(force) - set(STEP_NAMES))
+        if unknown:
+            raise ValueError(f"--force: unknown step(s) {unknown}; steps: {list(STEP_NAMES)}")
+    name, spec = model_name(model), model
+    if isinstance(model, (str, os.PathLike)):
+        log(f"loading {model} on {device}")
+        model = load_model(model, device=device, config=model_config, family=family)
+    module = unwrap(model).eval()
+    if (module.fixed_n_views or 2) != 2:
+        raise ValueError(f"{type(module).__name__} takes {module.fixed_n_views} views; the report analyses pairs")
+    from ..adapters.base import adapter_for_model
+
+    model_id = {"family": adapter_for_model(module).name, "config": module.config.to_dict(),
+                "fingerprint": fingerprint(module)}
+    timings: dict[str, float] = {}
+
+    t = time.perf_counter()
+    log(f"preparing {cfg.pairs} held-out pairs" + (f" from {data}" if data else " (synthetic rooms)"))
+    pairs = A.prepare_pairs(model, cfg, data, progress)
+    timings["pairs"] = time.perf_counter() - t
+    ex = {k: pairs.stats[i] for k, i in pairs.examples.items()}
+    log("  example pairs: " + ", ".join(f"{k} #{s['index']} (overlap {s['overlap']:.0%}, rotation "
+                                        f"{s['rotation_deg']:.0f}°)" for k, s in ex.items()))
+
+    base = {"model": model_id, "data": pairs.describe}
+    steps = Steps(out, force=force, log=log, total=len(STEP_NAMES) - (0 if cfg.control else 1))
+    tc = A.train_config(cfg)
+    key = steps.key("probes", {**base, "train": tc.to_dict()})
+    steps.run("probes", {**base, "train": tc.to_dict()},
+              lambda: ([out / "probes" / "model" / "probes.json", out / "probes" / "model" / "probes.safetensors"],
+                       A.train_step(model, pairs, tc, out / "probes" / "model", key, progress)),
+              title=TITLES["probes"])
+    reads = ["probes"]
+    if cfg.control:
+        tcc = A.train_config(cfg, control=True)
+        ckey = steps.key("control", {**base, "train": tcc.to_dict()})
+        steps.run("control", {**base, "train": tcc.to_dict()},
+                  lambda: ([out / "probes" / "control" / "probes.json",
+                            out / "probes" / "control" / "probes.safetensors"],
+                           A.train_step(model, pairs, tcc, out / "probes" / "control", ckey, progress)),
+                  title=TITLES["control"])
+        reads.append("control")
+    steps.run("evaluate", {**base, "batch": cfg.batch_size, "control": cfg.control},
+              lambda: A.evaluate_step(model, pairs, cfg, out, progress), reads=reads, title=TITLES["evaluate"])
+    steps.run("heads", {**base, "batch": cfg.batch_size, "queries": cfg.overlay_queries, "examples": pairs.examples},
+              lambda: A.heads_step(model, pairs, cfg, out, progress, name), title=TITLES["heads"])
+    steps.run("knockout", {**base, "k": cfg.knockout_k, "seed": cfg.seed, "batch": cfg.batch_size,
+                           "points": cfg.max_points, "queries": cfg.overlay_queries, "examples": pairs.examples},
+              lambda: A.knockout_step(model, pairs, cfg, out, progress), reads=["probes", "evaluate", "heads"],
+              title=TITLES["knockout"])
+    steps.run("patching", {**base, "pairs": cfg.patch_pairs, "per": list(cfg.patch_per)},
+              lambda: A.patching_step(model, pairs, cfg, out, progress), title=TITLES["patching"])
+    steps.run("views", {**base, "points": cfg.max_points, "examples": pairs.examples},
+              lambda: A.views_step(model, pairs, cfg, out, progress), reads=["probes"], title=TITLES["views"])
+
+    t = time.perf_counter()
+    from .page import build_page
+
+    ctx = {
+        "records": {n: {"seconds": r.seconds, "reused": r.reused, "finished": r.finished, "info": r.info,
+                        "files": r.files} for n, r in steps.records.items()},
+        "titles": TITLES, "timings": timings, "config": cfg.to_dict(), "data": pairs.describe,
+        "model": {"name": name, "family": model_id["family"], "config": model_id["config"],
+                  "fingerprint": model_id["fingerprint"], "parameters": sum(p.numel() for p in module.parameters()),
+                  "img_size": list(module.config.img_size)},
+        "model_card": model_card(spec),
+        "environment": _environment(module), "command": command,
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    timings["total"] = time.perf_counter() - t_start  # provisional: the page shows the time up to here
+    page, facts = build_page(ctx, out)
+    html_path = A.write_text(out / REPORT, page)
+    timings["page"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t_start
+    steps.manifest.meta = {"last_run": ctx["created"], "model": name, "config": cfg.to_dict(), "data": pairs.describe,
+                           "timings": timings, "key": digest(base)}
+    steps.manifest.save()
+    summary = {"model": name, "created": ctx["created"], "timings": timings,
+               "steps": {n: {"seconds": r["seconds"], "reused": r["reused"]} for n, r in ctx["records"].items()},
+               "facts": facts, "examples": {k: pairs.stats[i] for k, i in pairs.examples.items()}}
+    summary_path = A.write_json(out / SUMMARY, summary)
+    log(f"report: {html_path} ({html_path.stat().st_size / 1e6:.1f} MB) in {timings['total']:.0f} s")
+    return {"html": html_path, "summary": summary_path, "manifest": steps.manifest.path}

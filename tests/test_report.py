@@ -1,0 +1,145 @@
+"""``mv-interp report``: a --fast run of every step on the bundled model, step reuse, resume after an
+interruption, and the page in a real browser (renders, the 4D slider moves the view, no script error)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mv_interp.cli import main
+from mv_interp.report import STEP_NAMES, Manifest, ReportConfig, run_report
+
+from browser import chromium, save_artifact, severe_console_errors
+
+FAST = ReportConfig.preset("fast")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("report")
+    assert main(["report", "--fast", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_fast_report_writes_every_artefact(report):
+    html = (report / "report.html").read_text()
+    for section in ("summary", "geometry", "probes", "heads", "attention", "knockout", "patching", "run"):
+        assert f'id="{section}"' in html
+    # self-contained: no file or network references for scripts, styles or images
+    assert "http://" not in html.replace("http://www.w3.org", "") and "<script src" not in html
+    assert 'src="data:image/png;base64,' in html
+    for rel in ("probes/eval/metrics.csv", "probes/eval/metrics.json", "probes/eval/curves.png",
+                "probes/eval/contributions.png", "heads/scores.csv", "heads/scores.json",
+                "heads/correspondence_curve.png", "knockout/knockout.csv", "knockout/knockout.png",
+                "knockout/registers.json", "patching/site/patching.png", "patching/site/patching.json",
+                "views/pair_easy.rrd", "views/pair_hard.rrd", "views/viewer_easy_mlp.json", "summary.json"):
+        assert (report / rel).is_file(), rel
+    summary = json.loads((report / "summary.json").read_text())
+    assert set(summary["steps"]) == set(STEP_NAMES)
+    assert not any(s["reused"] for s in summary["steps"].values())
+    ex = summary["examples"]
+    assert ex["easy"]["index"] != ex["hard"]["index"]
+    assert ex["easy"]["overlap"] >= ex["hard"]["overlap"] or ex["easy"]["rotation_deg"] <= ex["hard"]["rotation_deg"]
+    # the knockout spec written to disk is one the library reloads
+    from mv_interp.interventions import AttentionKnockout, load_spec
+
+    spec = load_spec(report / "knockout" / "registers.json")
+    assert isinstance(spec, AttentionKnockout)
+    assert spec.queries.kind == "others" and spec.keys.kind == "top_attended" and spec.mode == "post"
+    # measured numbers are numbers, not placeholders
+    rows = json.loads((report / "probes" / "eval" / "metrics.json").read_text())["rows"]
+    assert all(r["e2_aligned_v2"] is not None and r["e2_aligned_v2"] > 0 for r in rows if r["method"] == "mlp")
+
+
+def test_rerun_reuses_steps_and_force_recomputes_downstream(report):
+    logs: list[str] = []
+    run_report("dust3r-toy", FAST, report, progress=False, log=logs.append)
+    summary = json.loads((report / "summary.json").read_text())
+    assert all(s["reused"] for s in summary["steps"].values()), summary["steps"]
+    before = Manifest(report).steps
+    logs.clear()
+    run_report("dust3r-toy", FAST, report, progress=False, log=logs.append, force=["heads"])
+    after = Manifest(report).steps
+    assert after["heads"].run_id != before["heads"].run_id
+    assert after["knockout"].run_id != before["knockout"].run_id  # reads the head scores
+    assert after["probes"].run_id == before["probes"].run_id
+    assert after["patching"].run_id == before["patching"].run_id
+    with pytest.raises(ValueError, match="unknown step"):
+        run_report("dust3r-toy", FAST, report, progress=False, log=logs.append, force=["nope"])
+
+
+def test_interrupted_run_resumes_and_changed_settings_recompute(tmp_path):
+    calls = {"n": 0}
+    import mv_interp.report.analysis as A
+
+    real = A.heads_step
+
+    def boom(*a, **k):
+        calls["n"] += 1
+        raise KeyboardInterrupt
+
+    A.heads_step = boom
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_report("dust3r-toy", FAST, tmp_path, progress=False, log=lambda s: None)
+    finally:
+        A.heads_step = real
+    done = Manifest(tmp_path).steps
+    assert {"probes", "control", "evaluate"} <= set(done) and "heads" not in done
+    assert not (tmp_path / "report.html").exists()
+    logs: list[str] = []
+    run_report("dust3r-toy", FAST, tmp_path, progress=False, log=logs.append)
+    assert any("train pointmap probes" in s and "reused" in s for s in logs)
+    assert any("score and classify" in s and "done in" in s for s in logs)
+    # a changed probe setting retrains the probes and everything that reads them
+    logs.clear()
+    run_report("dust3r-toy", FAST.changed(probe_steps=FAST.probe_steps + 1), tmp_path, progress=False,
+               log=logs.append)
+    assert any("train pointmap probes" in s and "(settings, model or an earlier step changed)" in s for s in logs)
+    assert any("score and classify" in s and "reused" in s for s in logs)
+
+
+def test_bad_input_is_one_clear_error(tmp_path, capsys):
+    assert main(["report", "--fast", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "not a directory" in err and "docs/data.md" in err
+    with pytest.raises(ValueError, match="pairs"):
+        ReportConfig(pairs=1)
+    assert main(["report", "--fast", "--force", "probez", "--out", str(tmp_path / "o"), "--quiet"]) == 1
+    assert "unknown step" in capsys.readouterr().err
+
+
+def test_report_renders_and_slider_moves_the_view(report):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    with chromium(1280, 1600) as driver:
+        driver.get((report / "report.html").as_uri())
+        n = driver.execute_script("return window.mvViewers.length")
+        assert n >= 3  # easy and hard pair, knockout comparison (the lens viewers are folded away)
+        for sid in ("summary", "probes", "heads", "knockout", "patching", "run"):
+            assert driver.find_element(By.ID, sid).is_displayed()
+        imgs = driver.execute_script(
+            "return Array.from(document.images).filter(i => i.closest('figure') && i.offsetParent)"
+            ".map(i => [i.complete, i.naturalWidth])")
+        assert imgs and all(ok and w > 0 for ok, w in imgs)
+        save_artifact(driver, "report.png")
+        viewer = driver.find_element(By.ID, "geometry")
+        driver.execute_script("arguments[0].scrollIntoView()", viewer)
+        canvas = lambda: driver.execute_script(  # noqa: E731
+            "return document.querySelector('#geometry canvas').toDataURL()")
+        before = canvas()
+        label = driver.find_element(By.CSS_SELECTOR, "#geometry .mvv-label").text
+        slider = driver.find_element(By.CSS_SELECTOR, "#geometry .mvv-slider")
+        slider.send_keys(Keys.ARROW_RIGHT, Keys.ARROW_RIGHT, Keys.ARROW_RIGHT)
+        assert driver.execute_script("return window.mvViewers[0].frame") == 3
+        assert driver.find_element(By.CSS_SELECTOR, "#geometry .mvv-label").text != label
+        assert canvas() != before
+        save_artifact(driver, "report_viewer.png")
+        # sortable tables sort
+        th = driver.find_element(By.CSS_SELECTOR, "#probe-table thead th:nth-child(3)")
+        driver.execute_script("arguments[0].click()", th)
+        assert "sorted" in th.get_attribute("class")
+        assert severe_console_errors(driver) == []
