@@ -1,6 +1,6 @@
 """Score and classify every attention head of a model on synthetic pairs; write the README picture.
 
-    python examples/head_scores.py                                   # the tiny test fixture model
+    python examples/head_scores.py --model dust3r-toy --pairs 64    # the README picture
     python examples/head_scores.py --model path/to/checkpoint.pth --pairs 256 --device cuda
 
 Writes the full output of ``mv-interp heads classify`` to ``--out`` (table, heatmaps, label map,
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(ROOT / "tests/fixtures/dust3r/dust3r_tiny_linear.pth"))
+    p.add_argument("--model", default="dust3r-toy")
     p.add_argument("--config", default=None, help="config of a bare state dict (e.g. 224_linear)")
     p.add_argument("--pairs", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=8)

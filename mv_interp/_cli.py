@@ -24,11 +24,12 @@ def load_from_args(args: argparse.Namespace):
 
 def _hooks(args: argparse.Namespace) -> int:
     model = load_from_args(args)
-    size = tuple(args.size) if args.size else None
+    size = tuple(args.size) if args.size else tuple(getattr(model.config, "img_size", ()) or ()) or None
     table = model.hook_table(batch=1, size=size)
     width = max(len(n) for n, _ in table)
+    shown = f"{size[0]}x{size[1]}" if size else "one patch"
     print(f"{len(table)} hook points of {type(model.module).__name__} in execution order "
-          f"(batch 1, input {size or model.config.img_size}):")
+          f"(shapes for batch 1, input {shown}; view-stacked encoder hooks have the views first):")
     for name, shape in table:
         if args.filter and args.filter not in name:
             continue

@@ -205,7 +205,8 @@ def fmt(v: Any, digits: int = 3) -> str:
 def pct(v: float | None, signed: bool = True) -> str:
     if v is None or not math.isfinite(v):
         return "–"
-    return f"{100 * v:+.0f}%" if signed else f"{100 * v:.0f}%"
+    digits = 1 if abs(v) < 0.095 else 0  # -0.4%, not -0%
+    return f"{100 * v:+.{digits}f}%" if signed else f"{100 * v:.{digits}f}%"
 
 
 def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]], table_id: str,
