@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import platform
 import re
 import sys
 from pathlib import Path
@@ -19,15 +18,9 @@ HEADER = "# Benchmark results\n\nWritten by the scripts in `benchmarks/`; each s
 
 def machine() -> str:
     """A one-line description of where this runs (CPU model and cores, GPU if any)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    desc = f"{cpu}, {os.cpu_count()} cores"
+    from mv_interp.report.runner import cpu_name
+
+    desc = f"{cpu_name()}, {os.cpu_count()} cores"
     try:
         import torch
 

@@ -143,3 +143,24 @@ def test_report_renders_and_slider_moves_the_view(report):
         driver.execute_script("arguments[0].click()", th)
         assert "sorted" in th.get_attribute("class")
         assert severe_console_errors(driver) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["mast3r", "fast3r"])
+def test_report_runs_on_other_families(family, tmp_path):
+    """The report asks the model for its sites, so any adapted family works (≈ 45 s each on a CPU)."""
+    import torch
+
+    import mv_interp
+    from mv_interp.adapters.fast3r import Fast3RConfig, HookedFast3R
+    from mv_interp.adapters.mast3r import HookedMASt3R, MASt3RConfig
+
+    tiny = dict(img_size=(32, 48), enc_embed_dim=32, enc_depth=2, enc_num_heads=2, dec_embed_dim=32, dec_depth=2,
+                dec_num_heads=2)
+    torch.manual_seed(0)
+    module = (HookedMASt3R(MASt3RConfig(**tiny, output_mode="pts3d+desc8")) if family == "mast3r"
+              else HookedFast3R(Fast3RConfig(**tiny)))
+    files = run_report(mv_interp.MVModel(module.eval()), FAST, tmp_path, progress=False, log=lambda s: None)
+    assert files["html"].is_file()
+    summary = json.loads(files["summary"].read_text())
+    assert set(summary["steps"]) == set(STEP_NAMES)

@@ -24,7 +24,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -517,7 +517,7 @@ def _plot_knockout(rows: list[dict], locations: list[str], unit: Any, heads: lis
     fig, axes = plt.subplots(1, 2, figsize=(max(9, 0.6 * len(locations) + 3), 3.8), layout="constrained")
     x = np.arange(len(locations))
     styles = {"clean": dict(color="#333333", marker="o", lw=2, label="clean"),
-              "registers": dict(color="#d62728", marker="s", lw=1.5, label=f"register tokens knocked out"),
+              "registers": dict(color="#d62728", marker="s", lw=1.5, label="register tokens knocked out"),
               "random_tokens": dict(color="#1f77b4", marker="^", lw=1, ls="--", label="random tokens (control)")}
     for ax, (m, title) in zip(axes, (("e2_aligned_v2", "aligned view-2 error (E.2)"),
                                      ("e1_v2", "view-2 error in view 1's frame (E.1)"))):

@@ -58,17 +58,22 @@ def model_card(spec: Any) -> str | None:
     return None
 
 
-def _environment(module: Any) -> dict[str, Any]:
-    import mv_interp
-
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else what ``platform`` knows)."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return cpu
+
+
+def _environment(module: Any) -> dict[str, Any]:
+    import mv_interp
+
+    cpu = cpu_name()
     dev = module.device
     return {"mv_interp": mv_interp.__version__, "torch": torch.__version__, "python": sys.version.split()[0],
             "platform": platform.platform(), "cpu": cpu, "cpu_threads": torch.get_num_threads(),
