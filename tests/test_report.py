@@ -121,9 +121,13 @@ def test_report_renders_and_slider_moves_the_view(report):
         assert n >= 3  # easy and hard pair, knockout comparison (the lens viewers are folded away)
         for sid in ("summary", "probes", "heads", "knockout", "patching", "run"):
             assert driver.find_element(By.ID, sid).is_displayed()
-        imgs = driver.execute_script(
-            "return Array.from(document.images).filter(i => i.closest('figure') && i.offsetParent)"
-            ".map(i => [i.complete, i.naturalWidth])")
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        figures = ("return Array.from(document.images).filter(i => i.closest('figure') && i.offsetParent)"
+                   ".map(i => [i.complete, i.naturalWidth])")
+        # a 7 MB page of inline PNGs: give the decoder time on a loaded 2-core machine
+        WebDriverWait(driver, 30).until(lambda d: all(ok for ok, _ in d.execute_script(figures)))
+        imgs = driver.execute_script(figures)
         assert imgs and all(ok and w > 0 for ok, w in imgs)
         save_artifact(driver, "report.png")
         viewer = driver.find_element(By.ID, "geometry")

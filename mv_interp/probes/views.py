@@ -182,7 +182,9 @@ def probe_frames(model: Any, probes: ProbeSet | None, pair: Batch, kind: str = "
     return frames
 
 
-def _page_inputs(pair: Batch) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+def page_inputs(pair: Batch) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """Images (uint8), valid masks and avg_dis-normalised ground truth of a one-pair batch: what
+    :func:`mv_interp.viz.viewer_data` and the rerun recording take besides the frames."""
     images = [to_image(v["img"][0]) for v in pair]
     valid = [v["valid"][0].cpu().numpy() for v in pair]
     gt, _ = normalize_pointmaps([v["pts3d"] for v in pair], [v["valid"] for v in pair])
@@ -203,7 +205,7 @@ def write_4d(out_dir: str | os.PathLike, model: Any, probes: ProbeSet | None, pa
     parts = []
     for label, pair in pairs.items():
         pair = _pair(pair)
-        images, valid, gt = _page_inputs(pair)
+        images, valid, gt = page_inputs(pair)
         methods = []
         if probes is not None:
             methods.append((kind, probe_frames(model, probes, pair, kind)))

@@ -34,6 +34,9 @@ import torch
 from torch import Tensor
 
 from ..loading import atomic_write
+from ..probes.data import batch_size_of as n_pairs
+from ..probes.data import slice_batch
+from ..probes.views import page_inputs
 from .config import ReportConfig
 
 Batch = list[dict[str, Tensor]]
@@ -78,16 +81,8 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def slice_batch(views: Batch, start: int, stop: int) -> Batch:
-    return [{k: v[start:stop] for k, v in view.items()} for view in views]
-
-
 def cat_batches(batches: Sequence[Batch]) -> Batch:
     return [{k: torch.cat([b[v][k] for b in batches]) for k in batches[0][v]} for v in range(len(batches[0]))]
-
-
-def n_pairs(views: Batch) -> int:
-    return int(views[0]["img"].shape[0])
 
 
 def _tqdm(iterable, progress: bool, **kw):
@@ -301,15 +296,23 @@ def _module(model: Any):
 
 
 @torch.no_grad()
-def output_metrics(model: Any, views: Batch, batch_size: int) -> dict[str, float]:
-    """The model's own output on the held-out pairs, scored like a probe (E.1, E.2, depth)."""
+def _outputs(model: Any, views: Batch, batch_size: int) -> list[list[dict[str, Tensor]]]:
+    """The model's per-view outputs on ``views``, one list entry per batch of ``batch_size`` pairs."""
+    module = _module(model)
+    return [module.view_outputs(module(*[v["img"] for v in slice_batch(views, s, s + batch_size)]))
+            for s in range(0, n_pairs(views), batch_size)]
+
+
+def output_metrics(model: Any, views: Batch, batch_size: int,
+                   outputs: list[list[dict[str, Tensor]]] | None = None) -> dict[str, float]:
+    """The model's own output on the held-out pairs, scored like a probe (E.1, E.2, depth);
+    ``outputs`` (from :func:`_outputs`) saves the forward passes when they are already at hand."""
     from ..probes.evaluate import pointmap_metrics
 
-    module = _module(model)
+    outputs = outputs if outputs is not None else _outputs(model, views, batch_size)
     acc: dict[str, list[Tensor]] = {}
-    for s in range(0, n_pairs(views), batch_size):
-        b = slice_batch(views, s, s + batch_size)
-        out = module.view_outputs(module(*[v["img"] for v in b]))
+    for i, out in enumerate(outputs):
+        b = slice_batch(views, i * batch_size, (i + 1) * batch_size)
         for k, v in pointmap_metrics(out, b).items():
             acc.setdefault(k, []).append(v.float().cpu())
     return {k: float(torch.cat(v).nanmean()) for k, v in acc.items()}
@@ -436,22 +439,18 @@ def knockout_step(model: Any, pairs: Pairs, cfg: ReportConfig, out: Path, progre
     files = [specs[name].save(d / f"{name}.json") for name in specs]
 
     tables = {"clean": clean}
-    outputs = {"clean": output_metrics(model, pairs.views, cfg.batch_size)}
+    # the clean output was scored by the evaluate step; one forward per batch and variant gives both
+    # the knocked-out output's metrics and its distance to the clean output
+    outputs = {"clean": json.loads((out / "probes" / "eval" / "model_output.json").read_text())}
     moved = {}
-    with torch.no_grad():
-        ref = [module.view_outputs(module(*[v["img"] for v in slice_batch(pairs.views, s, s + cfg.batch_size)]))
-               for s in range(0, n_pairs(pairs.views), cfg.batch_size)]
+    ref = _outputs(model, pairs.views, cfg.batch_size)
     for name, spec in _tqdm(specs.items(), progress, desc="knockout", unit="variant"):
         with module.hooks(spec.fwd_hooks(module, n_views=len(pairs.views))):
             tables[name] = evaluate_probes(model, probes, pairs.views, lens=False, batch_size=cfg.batch_size)
-            outputs[name] = output_metrics(model, pairs.views, cfg.batch_size)
-            dist = []
-            with torch.no_grad():
-                for i, s in enumerate(range(0, n_pairs(pairs.views), cfg.batch_size)):
-                    b = slice_batch(pairs.views, s, s + cfg.batch_size)
-                    o = module.view_outputs(module(*[v["img"] for v in b]))
-                    dist.append(scale_invariant_pointmap_distance(o, ref[i]).cpu())
-            moved[name] = float(torch.cat(dist).mean())
+            knocked = _outputs(model, pairs.views, cfg.batch_size)
+        outputs[name] = output_metrics(model, pairs.views, cfg.batch_size, outputs=knocked)
+        moved[name] = float(torch.cat([scale_invariant_pointmap_distance(o, r).cpu()
+                                       for o, r in zip(knocked, ref)]).mean())
 
     metrics = ("e1_v2", "e2_aligned_v2", "e1_v1")
     rows = []
@@ -555,7 +554,7 @@ def patching_step(model: Any, pairs: Pairs, cfg: ReportConfig, out: Path, progre
         metric = distance_to(clean_out, scale_invariant=True)
         sweep = patching_sweep(model, clean, corrupted, per=per, metric=metric, progress=progress)
         files += list(sweep.save(out / "patching" / per).values())
-        vals = sweep.values if sweep.inner is None else sweep.values
+        vals = sweep.values
         cells = []
         flat = vals.flatten()
         for i in flat.nan_to_num(math.inf).argsort()[:8].tolist():
@@ -579,17 +578,6 @@ def patching_step(model: Any, pairs: Pairs, cfg: ReportConfig, out: Path, progre
 # --------------------------------------------------------------------------------------
 # The 4D view
 # --------------------------------------------------------------------------------------
-
-
-def page_inputs(pair: Batch) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
-    """Images (uint8), valid masks and avg_dis-normalised ground truth of a one-pair batch."""
-    from ..images import to_image
-    from ..metrics import normalize_pointmaps
-
-    images = [to_image(v["img"][0]) for v in pair]
-    valid = [v["valid"][0].cpu().numpy() for v in pair]
-    gt, _ = normalize_pointmaps([v["pts3d"] for v in pair], [v["valid"] for v in pair])
-    return images, valid, [g[0].cpu().numpy() for g in gt]
 
 
 def views_step(model: Any, pairs: Pairs, cfg: ReportConfig, out: Path, progress: bool) -> tuple[list, dict]:

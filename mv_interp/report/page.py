@@ -366,7 +366,7 @@ def _knockout(ctx: dict, out: Path) -> str:
              + H.download(d / "random_tokens.json", "random_tokens.json", root=out)
              + '<span class="muted">re-run a spec: <code>mv-interp intervene knockout/registers.json --model … '
                "--pair a.png b.png</code></span></div>")
-    per_site = _load(d / "knockout.json")["rows"]
+    per_site = data["rows"]
     cols = [("location", "location")] + [(f"{m}_{n}", f"{lab} · {nl}") for m, lab in
                                          (("e2_aligned_v2", "E.2"), ("e1_v2", "E.1 v2"))
                                          for n, nl in (("clean", "clean"), ("registers", "knockout"),

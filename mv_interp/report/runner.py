@@ -133,21 +133,19 @@ def run_report(model: Any = "dust3r-toy", config: ReportConfig | None = None, ou
 
     base = {"model": model_id, "data": pairs.describe}
     steps = Steps(out, force=force, log=log, total=len(STEP_NAMES) - (0 if cfg.control else 1))
-    tc = A.train_config(cfg)
-    key = steps.key("probes", {**base, "train": tc.to_dict()})
-    steps.run("probes", {**base, "train": tc.to_dict()},
-              lambda: ([out / "probes" / "model" / "probes.json", out / "probes" / "model" / "probes.safetensors"],
-                       A.train_step(model, pairs, tc, out / "probes" / "model", key, progress)),
-              title=TITLES["probes"])
+
+    def probe_step(name: str, control: bool, folder: Path) -> None:
+        tconf = A.train_config(cfg, control=control)
+        settings = {**base, "train": tconf.to_dict()}
+        key = steps.key(name, settings)  # also marks the folder, so an interrupted run resumes only its own
+        steps.run(name, settings, lambda: ([folder / "probes.json", folder / "probes.safetensors"],
+                                           A.train_step(model, pairs, tconf, folder, key, progress)),
+                  title=TITLES[name])
+
+    probe_step("probes", False, out / "probes" / "model")
     reads = ["probes"]
     if cfg.control:
-        tcc = A.train_config(cfg, control=True)
-        ckey = steps.key("control", {**base, "train": tcc.to_dict()})
-        steps.run("control", {**base, "train": tcc.to_dict()},
-                  lambda: ([out / "probes" / "control" / "probes.json",
-                            out / "probes" / "control" / "probes.safetensors"],
-                           A.train_step(model, pairs, tcc, out / "probes" / "control", ckey, progress)),
-                  title=TITLES["control"])
+        probe_step("control", True, out / "probes" / "control")
         reads.append("control")
     steps.run("evaluate", {**base, "batch": cfg.batch_size, "control": cfg.control},
               lambda: A.evaluate_step(model, pairs, cfg, out, progress), reads=reads, title=TITLES["evaluate"])
