@@ -40,7 +40,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from mv_interp.adapters import Adapter, AttentionSite, MultiViewModel, ProbeSite, register_adapter
-from mv_interp.adapters.base import ConfigMixin
+from mv_interp.adapters.base import ModelConfig
 from mv_interp.hooks import HookPoint
 from mv_interp.layers import (Mlp, PatchEmbed, RoPE2D, SelfAttention, patch_positions, postprocess_conf,
                               postprocess_points)
@@ -51,7 +51,7 @@ from mv_interp.layers import (Mlp, PatchEmbed, RoPE2D, SelfAttention, patch_posi
 
 
 @dataclass(frozen=True)
-class TinyAltConfig(ConfigMixin):
+class TinyAltConfig(ModelConfig):
     """Architecture of a TinyAlt model."""
 
     img_size: tuple[int, int] = (32, 48)
@@ -68,11 +68,9 @@ class TinyAltConfig(ConfigMixin):
     """MLP hidden width over model width."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "img_size", tuple(int(s) for s in self.img_size))
+        super().__post_init__()  # ModelConfig: img_size a pair, a multiple of patch_size
         if self.dim % self.n_heads or (self.dim // self.n_heads) % 4:
             raise ValueError(f"dim={self.dim} must split into {self.n_heads} heads of a size divisible by 4 (RoPE2D)")
-        if any(s % self.patch_size for s in self.img_size):
-            raise ValueError(f"img_size={self.img_size} must be a multiple of patch_size={self.patch_size}")
 
 
 # --------------------------------------------------------------------------------------
@@ -194,7 +192,8 @@ class HookedTinyAlt(MultiViewModel):
                                            f"{base}.hook_z", kind, "dec", i, 0, views, c.n_heads, layout))
         return sites
 
-    def pointmap_lens(self, site: ProbeSite, tokens: Tensor, grid: tuple[int, int]) -> dict[str, Tensor]:
+    def pointmap_lens(self, site: ProbeSite, tokens: Tensor, grid: tuple[int, int],
+                      enc_tokens: Tensor | None = None) -> dict[str, Tensor]:
         """The model's own final norm and head applied to an intermediate state ``[batch, pos, dim]``."""
         return self.decode(self.norm(tokens), grid)
 

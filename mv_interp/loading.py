@@ -13,7 +13,6 @@ import ast
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,8 @@ from torch import Tensor
 
 from .adapters import base as adapters_base
 from .adapters.base import Adapter, MultiViewModel
+from .io import atomic_write, write_json
+from .types import ModelLike, as_module
 
 BUNDLED_DIR = Path(__file__).parent / "weights"
 _LITERAL_NAMES = {"inf": math.inf, "True": True, "False": False, "None": None}
@@ -147,7 +148,7 @@ def _adapter_for_constructor(class_name: str) -> Adapter:
 
 def config_from_hf(cfg: dict[str, Any], family: str | None = None) -> tuple[Adapter, Any]:
     """(adapter, config) from an HF-style ``config.json`` dict."""
-    cfg = {k: adapters_base._from_jsonable(v) for k, v in cfg.items()}
+    cfg = {k: adapters_base.config_value(v) for k, v in cfg.items()}
     family = cfg.pop("mv_interp_family", None) or family
     cfg.pop("architecture", None)
     cfg.pop("architectures", None)
@@ -288,35 +289,18 @@ def _load_dir(path: Path, config: Any, family: str | None) -> MultiViewModel:
     return build_model(adapter, cfg, read_state_dict(weights), source=str(weights))
 
 
-def save_pretrained(model: Any, directory: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> Path:
+def save_pretrained(model: ModelLike, directory: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> Path:
     """Write ``config.json`` + ``model.safetensors`` (HF style), each atomically."""
     from safetensors.torch import save_file
 
-    module: MultiViewModel = getattr(model, "_module", model)
+    module: MultiViewModel = as_module(model)
     adapter = adapters_base.adapter_for_model(module)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     cfg = {"mv_interp_family": adapter.name, **module.config.to_dict(), **(extra or {})}
     sd = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     atomic_write(directory / "model.safetensors", lambda p: save_file(sd, str(p)))
-    atomic_write(directory / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2) + "\n"))
+    write_json(directory / "config.json", cfg, indent=2)
     return directory
 
 
-def atomic_write(target: str | os.PathLike, write) -> Path:
-    """Call ``write(tmp_path)`` then rename onto ``target``, so readers never see half a file."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return target

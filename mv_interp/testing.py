@@ -44,7 +44,6 @@ function each.
 from __future__ import annotations
 
 import fnmatch
-import inspect
 import math
 import time
 import traceback
@@ -65,6 +64,7 @@ from .adapters.base import (
     pattern_blocks,
     view_tokens,
 )
+from .types import ModelLike, as_module
 
 __all__ = [
     "CheckContext", "CheckResult", "ConformityReport", "SkipCheck", "check_adapter", "list_checks", "register_check",
@@ -171,7 +171,7 @@ class CheckContext:
         inputs / other_inputs: two different sets of views (seeds ``seed`` and ``seed + 1``).
     """
 
-    def __init__(self, model: Any, batch: int, n_views: int, size: tuple[int, int], seed: int) -> None:
+    def __init__(self, model: ModelLike, batch: int, n_views: int, size: tuple[int, int], seed: int) -> None:
         from .model import MVModel
 
         self.model: MVModel = model if isinstance(model, MVModel) else MVModel(model)
@@ -254,7 +254,7 @@ class CheckContext:
 
 
 def check_adapter(
-    model: Any,
+    model: ModelLike,
     *,
     checks: Sequence[str] | None = None,
     skip: Sequence[str] = (),
@@ -277,7 +277,7 @@ def check_adapter(
     Returns:
         the :class:`ConformityReport` (also when everything passes).
     """
-    module = getattr(model, "_module", model)
+    module = as_module(model)
     if not isinstance(module, MultiViewModel):
         raise TypeError("check_adapter needs a MultiViewModel (or an MVModel wrapping one), "
                         f"got {type(module).__name__}")
@@ -357,7 +357,7 @@ def _leading_rows(t: Tensor, k: int, total: int) -> Tensor:
     return t.unflatten(0, (t.shape[0] // total, total))[:, k]
 
 
-def _envoy(model: Any, name: str) -> Any:
+def _envoy(model: ModelLike, name: str) -> Any:
     env = model
     for part in name.split("."):
         env = env[int(part)] if part.isdigit() else getattr(env, part)
@@ -756,7 +756,7 @@ def _check_pointmap_lens(ctx: CheckContext) -> list[str]:
     m = ctx.module
     sites = m.probe_sites(n_views=ctx.n_views)
     cache, fails = ctx.cache(), []
-    takes_enc = "enc_tokens" in inspect.signature(m.pointmap_lens).parameters
+    takes_enc = m.lens_reads_encoder
     H, W = ctx.size
     for v in range(1, ctx.n_views + 1):
         mine = [s for s in sites if s.view == v]

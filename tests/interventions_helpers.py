@@ -66,13 +66,13 @@ from dataclasses import dataclass  # noqa: E402
 
 from torch import nn  # noqa: E402
 
-from mv_interp.adapters.base import AttentionSite, ConfigMixin, MultiViewModel, ProbeSite  # noqa: E402
+from mv_interp.adapters.base import AttentionSite, ModelConfig, MultiViewModel, ProbeSite  # noqa: E402
 from mv_interp.hooks import HookPoint  # noqa: E402
 from mv_interp.layers import EncoderBlock, PatchEmbed  # noqa: E402
 
 
 @dataclass(frozen=True)
-class GlobalToyConfig(ConfigMixin):
+class GlobalToyConfig(ModelConfig):
     img_size: tuple = (32, 32)
     patch_size: int = 16
     dim: int = 16
@@ -112,13 +112,13 @@ class GlobalToy(MultiViewModel):
             outs.append({"pts3d": raw[..., :3], "conf": 1 + raw[..., 3].exp()})
         return tuple(outs)
 
-    def attention_sites(self):
+    def attention_sites(self, n_views=None):
         c = self.config
         return [AttentionSite(f"blk{i}.global", f"blocks.{i}.attn.hook_pattern", f"blocks.{i}.attn.hook_attn_scores",
                               f"blocks.{i}.attn.hook_z", "self", "dec", i, 0, (1, 2, 3), c.heads, "global")
                 for i in range(c.depth)]
 
-    def probe_sites(self, encoder_blocks=False, sublayers=False):
+    def probe_sites(self, encoder_blocks=False, sublayers=False, n_views=None):
         sites = []
         for v in (1, 2, 3):
             for i in range(self.config.depth):

@@ -12,7 +12,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from mv_interp.adapters.base import AttentionSite, ConfigMixin, MultiViewModel, ProbeSite
+from mv_interp.adapters.base import AttentionSite, ModelConfig, MultiViewModel, ProbeSite
 from mv_interp.heads import (
     Correspondence,
     HeadRef,
@@ -367,7 +367,7 @@ def test_save_load_and_figures(planted_scores, linear_model, pairs, tmp_path):
 
 
 @dataclass(frozen=True)
-class ToyConfig(ConfigMixin):
+class ToyConfig(ModelConfig):
     img_size: tuple = (48, 64)
     patch_size: int = 16
     n_heads: int = 2

@@ -13,17 +13,18 @@ group; the entry point names a module that calls :func:`register_adapter` on imp
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from torch import Tensor
 
 from ..hooks import HookedRootModule
+from ..io import dumps_json, from_jsonable, jsonable
+from ..types import ModelLike, as_module
 
 # --------------------------------------------------------------------------------------
 # Sites
@@ -33,15 +34,33 @@ from ..hooks import HookedRootModule
 #:   "view"    — ``[batch, pos, d]``, this view only
 #:   "stacked" — ``[n_views · batch, pos, d]``, views stacked view-major on the batch axis
 #:   "concat"  — ``[batch, n_views · pos, d]``, views concatenated on the token axis
-TOKEN_LAYOUTS = ("view", "stacked", "concat")
+TokenLayout = Literal["view", "stacked", "concat"]
 #: How an attention pattern holds its queries and keys (see :class:`AttentionSite`).
-ATTENTION_LAYOUTS = ("view", "stacked", "global")
+AttentionLayout = Literal["view", "stacked", "global"]
+#: What a :class:`ProbeSite` reads: the residual after a skip connection (``"self"``,
+#: ``"cross"``, ``"mlp"``, ``"enc_block"``), a stack's input/output (``"dec_in"``, ``"enc_out"``),
+#: or a sublayer's output before its skip (``"self_out"``, ``"cross_out"``, ``"mlp_out"``).
+ProbeKind = Literal["enc_block", "enc_out", "dec_in", "self", "cross", "mlp", "self_out", "cross_out", "mlp_out"]
+#: What an :class:`AttentionSite` is: attention within the query's tokens' sequence or to another's.
+AttentionKind = Literal["self", "cross"]
+#: Which stack a site is in.
+Stack = Literal["enc", "dec"]
+
+TOKEN_LAYOUTS: tuple[str, ...] = get_args(TokenLayout)
+ATTENTION_LAYOUTS: tuple[str, ...] = get_args(AttentionLayout)
 #: ``ProbeSite.kind`` values the generic tools understand.
-PROBE_KINDS = ("enc_block", "enc_out", "dec_in", "self", "cross", "mlp", "self_out", "cross_out", "mlp_out")
+PROBE_KINDS: tuple[str, ...] = get_args(ProbeKind)
 #: ``AttentionSite.kind`` values.
-ATTENTION_KINDS = ("self", "cross")
+ATTENTION_KINDS: tuple[str, ...] = get_args(AttentionKind)
 #: ``stack`` values of both site types.
-STACKS = ("enc", "dec")
+STACKS: tuple[str, ...] = get_args(Stack)
+
+
+def _check_choice(record: object, field_name: str, allowed: tuple[str, ...]) -> None:
+    value = getattr(record, field_name)
+    if value not in allowed:
+        raise ValueError(f"{type(record).__name__} {getattr(record, 'name', '')!r}: {field_name}={value!r} is not "
+                         f"one of {list(allowed)}")
 
 
 @dataclass(frozen=True)
@@ -66,11 +85,18 @@ class ProbeSite:
     hook: str
     view: int
     layer: int
-    kind: str
-    stack: str
+    kind: ProbeKind
+    stack: Stack
     order: int
     d_model: int
-    layout: str = "view"
+    layout: TokenLayout = "view"
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "kind", PROBE_KINDS)
+        _check_choice(self, "stack", STACKS)
+        _check_choice(self, "layout", TOKEN_LAYOUTS)
+        if self.view < 1:
+            raise ValueError(f"ProbeSite {self.name!r}: view={self.view!r} must be a 1-based view number")
 
     @property
     def is_residual(self) -> bool:
@@ -103,13 +129,22 @@ class AttentionSite:
     pattern_hook: str
     scores_hook: str
     z_hook: str
-    kind: str
-    stack: str
+    kind: AttentionKind
+    stack: Stack
     layer: int
     query_view: int
     key_views: tuple[int, ...]
     n_heads: int
-    layout: str = "view"
+    layout: AttentionLayout = "view"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key_views", tuple(self.key_views))
+        _check_choice(self, "kind", ATTENTION_KINDS)
+        _check_choice(self, "stack", STACKS)
+        _check_choice(self, "layout", ATTENTION_LAYOUTS)
+        if self.layout == "view" and self.query_view < 1:
+            raise ValueError(f"AttentionSite {self.name!r}: a 'view' layout site needs query_view ≥ 1, "
+                             f"got {self.query_view}")
 
 
 def view_tokens(act: Tensor, site: ProbeSite, n_views: int) -> Tensor:
@@ -156,32 +191,25 @@ def pattern_blocks(pattern: Tensor, site: AttentionSite, n_views: int) -> dict[t
 # --------------------------------------------------------------------------------------
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-def _from_jsonable(value: Any) -> Any:
-    if value in ("inf", "Infinity"):
-        return math.inf
-    if value in ("-inf", "-Infinity"):
-        return -math.inf
+def config_value(value: Any) -> Any:
+    """A config field's value read back from JSON: ``"inf"``/``"-inf"`` → ``±inf`` and lists →
+    tuples (config fields are immutable), recursively (see :mod:`mv_interp.io`)."""
+    value = from_jsonable(value)
     if isinstance(value, list):
-        return tuple(_from_jsonable(v) for v in value)
+        return tuple(config_value(v) for v in value)
     return value
 
 
 class ConfigMixin:
-    """JSON round-trip for frozen config dataclasses (``inf`` written as ``"inf"``)."""
+    """JSON round-trip for frozen config dataclasses (``inf`` written as ``"inf"``, the
+    :mod:`mv_interp.io` policy). Used by model configs (through :class:`ModelConfig`) and by
+    run configs (training, report)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        return {f.name: jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
+        return dumps_json(self.to_dict(), indent=2)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]):
@@ -189,10 +217,66 @@ class ConfigMixin:
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; valid fields: {sorted(names)}")
-        return cls(**{k: _from_jsonable(v) for k, v in data.items()})
+        return cls(**{k: config_value(v) for k, v in data.items()})
 
     def replace(self, **changes: Any):
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+def pair(v: int | Sequence[int]) -> tuple[int, int]:
+    """``(H, W)`` from an int (square) or a pair."""
+    if isinstance(v, int):
+        return (v, v)
+    return (int(v[0]), int(v[1]))
+
+
+#: Post-processing of a predicted point norm / confidence: ``(mode, vmin, vmax)``, e.g.
+#: ``("exp", -inf, inf)`` (see :func:`mv_interp.layers.postprocess_points`).
+OutputMode = tuple
+
+
+@dataclass(frozen=True)
+class ModelConfig(ConfigMixin):
+    """What every model config declares; the base of each family's frozen config dataclass.
+
+    Generic code (probes, head scores, images, the report) reads these fields and nothing else
+    of a config: a family adds its own architecture fields in a subclass (all with defaults,
+    one docstring each, validation in ``__post_init__`` calling ``super().__post_init__()``)::
+
+        @dataclass(frozen=True)
+        class MyConfig(ModelConfig):
+            img_size: tuple[int, int] = (518, 518)   # re-declare to change a default
+            patch_size: int = 14
+            depth: int = 24
+            \"\"\"Number of blocks.\"\"\"
+
+    The view count is declared by the model class (:attr:`MultiViewModel.fixed_n_views`): one
+    config can describe a network that runs on any number of views.
+    """
+
+    img_size: tuple[int, int] = (224, 224)
+    """(H, W) the model was trained at; the default input size. Any multiple of ``patch_size`` runs."""
+    patch_size: int = 16
+    """Side of the square image patches (one token each)."""
+    depth_mode: OutputMode = ("exp", -math.inf, math.inf)
+    """How the head's raw point channels become points: ``(mode, vmin, vmax)`` on the point norm
+    (probes decode with the same post-processing as the model)."""
+    conf_mode: OutputMode = ("exp", 1, math.inf)
+    """How the raw confidence channel becomes a confidence: ``(mode, vmin, vmax)``."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "img_size", pair(self.img_size))
+        object.__setattr__(self, "depth_mode", tuple(self.depth_mode))
+        object.__setattr__(self, "conf_mode", tuple(self.conf_mode))
+        if not isinstance(self.patch_size, int) or self.patch_size < 1:
+            raise ValueError(f"patch_size must be a positive int, got {self.patch_size!r}")
+        if any(s % self.patch_size for s in self.img_size):
+            raise ValueError(f"img_size={self.img_size} must be a multiple of patch_size={self.patch_size}")
+
+
+# Deprecated private spellings, kept for code written against earlier versions.
+_jsonable = jsonable
+_from_jsonable = config_value
 
 
 # --------------------------------------------------------------------------------------
@@ -201,20 +285,51 @@ class ConfigMixin:
 
 
 class MultiViewModel(HookedRootModule):
-    """Base class of every hooked multi-view model.
+    """Base class of every hooked multi-view model: the contract generic tools rely on.
 
-    ``forward(*views)`` takes images ``[batch, 3, H, W]`` normalised to [-1, 1] and returns
-    a tuple with one dict per view holding at least ``"pts3d"`` ``[batch, H, W, 3]`` (in
-    view 1's frame) and ``"conf"`` ``[batch, H, W]``.
+    A family subclasses this, builds its layers with a :class:`~mv_interp.hooks.HookPoint` on
+    every internal state, calls ``self.setup()`` at the end of ``__init__``, and declares:
+
+    ===========================  =================================================================
+    ``family``                   the adapter name it is registered under (``"dust3r"``)
+    ``config``                   a frozen :class:`ModelConfig` subclass instance
+    ``fixed_n_views``            views the forward takes (``2`` for pair models; ``None``: any ≥ 2)
+    ``forward(*views, **kw)``    images ``[batch, 3, H, W]`` in [-1, 1] → one output per view
+    ``view_outputs(output)``     the forward's output as per-view dicts with ``pts3d``
+                                 ``[batch, H, W, 3]`` (in view 1's frame) and ``conf`` ``[batch, H, W]``
+    ``act_name(name, …)``        short → full hook names, TransformerLens style
+    ``probe_sites(…)``           every place one view's residual stream can be probed
+    ``attention_sites(…)``       every attention layer whose pattern can be read
+    ``pointmap_lens(…)``         the model's own final norm + head applied to a probed state
+    ``lens_reads_encoder``       whether that lens needs this view's encoder output too (DPT heads)
+    ``read_only_hooks``          hooks whose edits cannot reach the output (rare; say why)
+    ===========================  =================================================================
+
+    Everything else (``hook_names``, ``hook_table``, ``example_inputs``, ``patch_size``,
+    ``device``, ``run_with_cache``/``run_with_hooks`` from :class:`HookedRootModule`) comes from
+    this class. :func:`mv_interp.testing.check_adapter` runs the whole contract on a model.
     """
 
     family: ClassVar[str] = ""
-    config: Any
+    config: ModelConfig
     #: number of views the forward takes; ``None`` when any number ≥ 2 works
     fixed_n_views: ClassVar[int | None] = 2
     #: glob patterns of hooks whose edits cannot reach the output (the conformity suite
     #: skips them in its data-path check); leave empty unless truly unavoidable
     read_only_hooks: ClassVar[tuple[str, ...]] = ()
+    #: whether :meth:`pointmap_lens` reads ``enc_tokens`` (a head that takes the encoder output
+    #: beside the decoder's, e.g. DPT): generic code then also reads each view's ``"enc_out"``
+    #: probe site and passes its tokens
+    lens_reads_encoder: ClassVar[bool] = False
+
+    def setup(self) -> None:
+        """Name every hook point; call at the end of ``__init__``. Checks ``config`` is a
+        :class:`ModelConfig` (image size, patch size, output modes are what generic code reads)."""
+        if not isinstance(getattr(self, "config", None), ModelConfig):
+            raise TypeError(f"{type(self).__name__}.config must be a ModelConfig subclass instance (a frozen "
+                            f"dataclass deriving from mv_interp.adapters.base.ModelConfig), got "
+                            f"{type(getattr(self, 'config', None)).__name__}; set self.config before setup()")
+        super().setup()
 
     def default_n_views(self, n_views: int | None = None) -> int:
         """``n_views`` checked against :attr:`fixed_n_views` (default: the fixed number, else 2)."""
@@ -229,27 +344,44 @@ class MultiViewModel(HookedRootModule):
     def probe_sites(self, encoder_blocks: bool = False, sublayers: bool = False,
                     n_views: int | None = None) -> list[ProbeSite]:
         """Every place the residual stream of one view can be probed, for a forward on
-        ``n_views`` views (default :meth:`default_n_views`)."""
+        ``n_views`` views (default :meth:`default_n_views`; check it with that method).
+
+        ``encoder_blocks`` adds every encoder block's output; ``sublayers`` adds each sublayer's
+        output before its skip connection. Each view's sites carry increasing ``order`` along
+        that view's processing path."""
         raise NotImplementedError
 
     def attention_sites(self, n_views: int | None = None) -> list[AttentionSite]:
-        """Every attention layer whose pattern can be read, for a forward on ``n_views`` views."""
+        """Every attention layer whose pattern can be read, for a forward on ``n_views`` views
+        (default :meth:`default_n_views`)."""
         raise NotImplementedError
 
     def act_name(self, name: str, layer: int | None = None, view: int | None = None, stack: str | None = None) -> str:
+        """The full hook name of a short one, TransformerLens style: ``act_name("resid_post", 3,
+        view=2)`` → ``"dec_blocks2.3.hook_resid_post"``. Unknown names are a ``ValueError``
+        listing the valid ones; an out-of-range ``layer`` an ``IndexError``."""
         raise NotImplementedError
 
     def view_outputs(self, output: Any) -> list[dict[str, Tensor]]:
-        """Per-view dicts with ``pts3d`` (view 1's frame) and ``conf``."""
+        """Per-view dicts with ``pts3d`` ``[batch, H, W, 3]`` (view 1's frame) and ``conf``
+        ``[batch, H, W]`` (plus any family-specific keys)."""
         return list(output)
 
-    def pointmap_lens(self, site: ProbeSite, tokens: Tensor, grid: tuple[int, int]) -> dict[str, Tensor]:
-        """Decode ``tokens`` [batch, pos, d] read at ``site`` with the model's own final norm
-        and head (the 3D logit lens); returns ``{"pts3d", "conf"}``."""
+    def pointmap_lens(self, site: ProbeSite, tokens: Tensor, grid: tuple[int, int],
+                      enc_tokens: Tensor | None = None) -> dict[str, Tensor]:
+        """Decode ``tokens`` ``[batch, pos, d]`` read at ``site`` with the model's own final norm
+        and head (the 3D logit lens); returns ``{"pts3d": [batch, H, W, 3], "conf": [batch, H, W]}``.
+
+        ``grid`` is the patch grid ``(H / patch, W / patch)``. ``enc_tokens`` is this view's
+        ``"enc_out"`` site tokens, passed by generic code when :attr:`lens_reads_encoder` is set
+        (a head that reads the encoder output too); families whose head does not, ignore it.
+        Raise ``NotImplementedError`` when the family has no lens (the generic tools skip it).
+        """
         raise NotImplementedError
 
     @property
     def patch_size(self) -> int:
+        """``config.patch_size``."""
         return self.config.patch_size
 
     @property
@@ -292,7 +424,7 @@ class Adapter:
 
     Attributes:
         name: registry name (``"dust3r"``); also ``model_cls.family``.
-        config_cls: frozen config dataclass with ``from_dict``/``to_dict`` (:class:`ConfigMixin`).
+        config_cls: frozen config dataclass deriving from :class:`ModelConfig`.
         model_cls: the hooked :class:`MultiViewModel` subclass, built as ``model_cls(config)``.
         convert_state_dict: pure function ``(state_dict, config) -> state_dict`` mapping an
             official checkpoint's keys onto ``model_cls``'s (aliases, missing copies).
@@ -319,8 +451,9 @@ class Adapter:
         if not (isinstance(self.model_cls, type) and issubclass(self.model_cls, MultiViewModel)):
             raise TypeError(f"adapter {self.name!r}: model_cls must subclass mv_interp.adapters.MultiViewModel, "
                             f"got {self.model_cls!r}")
-        if not dataclasses.is_dataclass(self.config_cls):
-            raise TypeError(f"adapter {self.name!r}: config_cls must be a (frozen) dataclass, got {self.config_cls!r}")
+        if not (isinstance(self.config_cls, type) and issubclass(self.config_cls, ModelConfig)):
+            raise TypeError(f"adapter {self.name!r}: config_cls must be a frozen dataclass deriving from "
+                            f"mv_interp.adapters.base.ModelConfig, got {self.config_cls!r}")
         if not callable(self.convert_state_dict):
             raise TypeError(f"adapter {self.name!r}: convert_state_dict must be a function "
                             "(state_dict, config) -> state_dict")
@@ -333,7 +466,7 @@ class Adapter:
                 raise TypeError(f"adapter {self.name!r}: named config {key!r} is a {type(cfg).__name__}, "
                                 f"not a {self.config_cls.__name__}")
 
-    def build(self, config: Any) -> MultiViewModel:
+    def build(self, config: ModelConfig) -> MultiViewModel:
         return self.model_cls(config)
 
     def config_from_kwargs(self, kwargs: Mapping[str, Any]) -> Any:
@@ -404,10 +537,10 @@ def adapters() -> Sequence[Adapter]:
     return list(_REGISTRY.values())
 
 
-def adapter_for_model(model: Any) -> Adapter:
+def adapter_for_model(model: ModelLike) -> Adapter:
     """The adapter whose ``model_cls`` built ``model`` (a :class:`MultiViewModel` or an ``MVModel``
     wrapping one; exact class first, then subclasses)."""
-    model = getattr(model, "_module", model)
+    model = as_module(model)
     for a in adapters():
         if type(model) is a.model_cls:
             return a

@@ -29,76 +29,27 @@ from ..layers import (
     postprocess_points,
     resolve_dpt_aliases,
 )
-from .base import Adapter, AttentionSite, ConfigMixin, MultiViewModel, ProbeSite, register_adapter
+from .base import Adapter, AttentionSite, MultiViewModel, ProbeSite, pair, register_adapter
+from .croco import CroCoConfig, py_literal
 
 INF = math.inf
 
 
 @dataclass(frozen=True)
-class DUSt3RConfig(ConfigMixin):
-    """Architecture of a DUSt3R-family model (defaults: DUSt3R_ViTLarge_BaseDecoder_224_linear)."""
+class DUSt3RConfig(CroCoConfig):
+    """Architecture of a DUSt3R-family model (defaults: DUSt3R_ViTLarge_BaseDecoder_224_linear).
 
-    img_size: tuple[int, int] = (224, 224)
-    """(H, W) the model was trained at; any multiple of ``patch_size`` runs."""
-    patch_size: int = 16
-    """Side of the square patches (the Conv2d patch embedding's kernel and stride)."""
-    enc_embed_dim: int = 1024
-    """Encoder width."""
-    enc_depth: int = 24
-    """Number of encoder blocks."""
-    enc_num_heads: int = 16
-    """Encoder attention heads."""
-    dec_embed_dim: int = 768
-    """Decoder width."""
-    dec_depth: int = 12
-    """Number of blocks in each of the two decoders."""
-    dec_num_heads: int = 12
-    """Decoder attention heads (self and cross)."""
+    The CroCo fields (widths, depths, heads, head type, positional encoding) are declared by
+    :class:`~mv_interp.adapters.croco.CroCoConfig`; image size, patch size and the output
+    post-processing modes by :class:`~mv_interp.adapters.base.ModelConfig`.
+    """
+
     mlp_ratio: float = 4.0
     """MLP hidden width over model width."""
-    head_type: str = "linear"
-    """``"linear"`` or ``"dpt"`` (MASt3R adds ``"catmlp+dpt"``)."""
-    output_mode: str = "pts3d"
-    """What the head predicts; DUSt3R: ``"pts3d"`` (3 point channels + 1 confidence)."""
-    depth_mode: tuple = ("exp", -INF, INF)
-    """Post-processing of the point norm: (mode, vmin, vmax)."""
-    conf_mode: tuple = ("exp", 1, INF)
-    """Post-processing of the confidence: (mode, vmin, vmax)."""
-    pos_embed: str = "RoPE100"
-    """Positional encoding; only RoPE2D (``"RoPE{base}"``) is supported."""
     norm_eps: float = 1e-6
     """LayerNorm epsilon of every norm."""
-    patch_embed_cls: str = "PatchEmbedDust3R"
-    """Upstream patch-embedding class (``ManyAR_PatchEmbed`` behaves the same here)."""
-    landscape_only: bool = False
-    """Upstream flag for transposing portrait inputs; heads here handle any aspect."""
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "img_size", _pair(self.img_size))
-        object.__setattr__(self, "depth_mode", tuple(self.depth_mode))
-        object.__setattr__(self, "conf_mode", tuple(self.conf_mode))
-        for w, h, what in ((self.enc_embed_dim, self.enc_num_heads, "enc"), (self.dec_embed_dim, self.dec_num_heads, "dec")):
-            if w % h:
-                raise ValueError(f"{what}_embed_dim={w} is not divisible by {what}_num_heads={h}")
-            if (w // h) % 4:
-                raise ValueError(f"{what} head dim {w // h} must be divisible by 4 for RoPE2D")
-        if not self.pos_embed.startswith("RoPE"):
-            raise ValueError(
-                f"pos_embed={self.pos_embed!r} is not supported: mv_interp implements RoPE2D ('RoPE100'), "
-                "which every released DUSt3R/MASt3R checkpoint uses"
-            )
-        if any(s % self.patch_size for s in self.img_size):
-            raise ValueError(f"img_size={self.img_size} must be a multiple of patch_size={self.patch_size}")
-        if self.head_type not in self.supported_heads():
-            raise ValueError(f"head_type={self.head_type!r}; supported: {self.supported_heads()}")
-
-    @classmethod
-    def supported_heads(cls) -> tuple[str, ...]:
-        return ("linear", "dpt")
-
-    @property
-    def rope_base(self) -> float:
-        return float(self.pos_embed[4:] or 100)
+    decoder_rope = True  # the two decoders' self- and cross-attention use RoPE2D
 
     @property
     def out_channels(self) -> int:
@@ -120,21 +71,7 @@ class DUSt3RConfig(ConfigMixin):
     def to_constructor(self, class_name: str | None = None) -> str:
         """The upstream ``args.model`` string for this config."""
         kw = self.constructor_kwargs()
-        return f"{class_name or self.constructor_name}(" + ", ".join(f"{k}={_py_literal(v)}" for k, v in kw.items()) + ")"
-
-
-def _pair(v: Any) -> tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    return (int(v[0]), int(v[1]))
-
-
-def _py_literal(v: Any) -> str:
-    if isinstance(v, float) and math.isinf(v):
-        return "inf" if v > 0 else "-inf"
-    if isinstance(v, tuple):
-        return "(" + ", ".join(_py_literal(x) for x in v) + ("," if len(v) == 1 else "") + ")"
-    return repr(v)
+        return f"{class_name or self.constructor_name}(" + ", ".join(f"{k}={py_literal(v)}" for k, v in kw.items()) + ")"
 
 
 # Defaults of the upstream constructors (CroCoNet then AsymmetricCroCo3DStereo), applied to
@@ -163,7 +100,7 @@ def config_from_constructor(kwargs: dict[str, Any], config_cls: type = DUSt3RCon
         raise ValueError("norm_im2_in_dec=False is not supported (every released checkpoint uses True)")
     merged = {**{k: v for k, v in defaults.items() if k in known}, **{k: v for k, v in kwargs.items() if k in known}}
     if "img_size" in merged:
-        merged["img_size"] = _pair(merged["img_size"])
+        merged["img_size"] = pair(merged["img_size"])
     for key in ("mlp_ratio", "norm_eps"):
         if key in merged:
             merged[key] = float(merged[key])
@@ -202,6 +139,7 @@ class HookedDUSt3R(MultiViewModel):
     """
 
     family = "dust3r"
+    lens_reads_encoder = True  # a DPT head reads the encoder output beside the decoder's
 
     def __init__(self, config: DUSt3RConfig):
         super().__init__()

@@ -50,6 +50,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from ..hooks import HookPoint
+from ..io import jsonable
 from ..layers import (
     DPTHead,
     EncoderBlock,
@@ -61,7 +62,8 @@ from ..layers import (
     postprocess_points,
     resolve_dpt_aliases,
 )
-from .base import Adapter, AttentionSite, ConfigMixin, MultiViewModel, ProbeSite, _from_jsonable, register_adapter
+from .base import Adapter, AttentionSite, MultiViewModel, ProbeSite, config_value, pair, register_adapter
+from .croco import CroCoConfig, py_literal
 
 INF = math.inf
 # Fast3R's inference-time attention "bias": the decoder's logit scale d_head^-0.5 is multiplied by
@@ -72,27 +74,20 @@ ImageIds = Union[Int[Tensor, "batch view"], Int[Tensor, "view"], Sequence[int], 
 
 
 @dataclass(frozen=True)
-class Fast3RConfig(ConfigMixin):
-    """Architecture of a Fast3R model with a CroCo encoder and the ``fast3r`` fusion decoder."""
+class Fast3RConfig(CroCoConfig):
+    """Architecture of a Fast3R model with a CroCo encoder and the ``fast3r`` fusion decoder.
+
+    The CroCo fields are declared by :class:`~mv_interp.adapters.croco.CroCoConfig` (here
+    ``dec_*`` describe the fusion transformer); image size, patch size and the output
+    post-processing modes by :class:`~mv_interp.adapters.base.ModelConfig`.
+    """
 
     img_size: tuple[int, int] = (512, 512)
     """(H, W) the model was trained at; any multiple of ``patch_size`` runs."""
-    patch_size: int = 16
-    """Side of the square patches (the Conv2d patch embedding's kernel and stride)."""
-    enc_embed_dim: int = 1024
-    """Encoder width."""
-    enc_depth: int = 24
-    """Number of encoder blocks."""
-    enc_num_heads: int = 16
-    """Encoder attention heads."""
+    head_type: str = "dpt"
+    """Only ``"dpt"``."""
     enc_mlp_ratio: float = 4.0
     """Encoder MLP hidden width over model width."""
-    dec_embed_dim: int = 768
-    """Decoder (fusion transformer) width."""
-    dec_depth: int = 12
-    """Number of decoder blocks."""
-    dec_num_heads: int = 12
-    """Decoder attention heads."""
     dec_mlp_ratio: float = 4.0
     """Decoder MLP hidden width over model width."""
     qkv_bias: bool = True
@@ -103,16 +98,6 @@ class Fast3RConfig(ConfigMixin):
     in inference mode, so the flag is applied whenever set)."""
     with_local_head: bool = True
     """Whether there is a second DPT head for each view's points in its own frame."""
-    head_type: str = "dpt"
-    """Only ``"dpt"``."""
-    output_mode: str = "pts3d"
-    """Only ``"pts3d"`` (3 point channels + 1 confidence)."""
-    depth_mode: tuple = ("exp", -INF, INF)
-    """Post-processing of the point norm: (mode, vmin, vmax)."""
-    conf_mode: tuple = ("exp", 1, INF)
-    """Post-processing of the confidence: (mode, vmin, vmax)."""
-    pos_embed: str = "RoPE100"
-    """Encoder positional encoding; only RoPE2D (``"RoPE{base}"``)."""
     enc_norm_eps: float = 1e-6
     """LayerNorm epsilon in the encoder blocks and ``enc_norm``."""
     dec_block_eps: float = 1e-5
@@ -124,40 +109,22 @@ class Fast3RConfig(ConfigMixin):
     random_image_idx_embedding: bool = True
     """Upstream flag recorded from the checkpoint: the model was trained with random view ids.
     mv_interp never draws ids at random (see the module docstring)."""
-    patch_embed_cls: str = "PatchEmbedDust3R"
-    """Upstream patch-embedding class (``ManyAR_PatchEmbed`` behaves the same for landscape input)."""
-    landscape_only: bool = False
-    """Upstream flag for transposing portrait inputs; heads here handle any aspect."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "img_size", _pair(self.img_size))
+        super().__post_init__()
         object.__setattr__(self, "enc_mlp_ratio", float(self.enc_mlp_ratio))
         object.__setattr__(self, "dec_mlp_ratio", float(self.dec_mlp_ratio))
-        object.__setattr__(self, "depth_mode", tuple(self.depth_mode))
-        object.__setattr__(self, "conf_mode", tuple(self.conf_mode))
-        for w, h, what in ((self.enc_embed_dim, self.enc_num_heads, "enc"),
-                           (self.dec_embed_dim, self.dec_num_heads, "dec")):
-            if w % h:
-                raise ValueError(f"{what}_embed_dim={w} is not divisible by {what}_num_heads={h}")
-        if (self.enc_embed_dim // self.enc_num_heads) % 4:
-            raise ValueError(f"encoder head dim {self.enc_embed_dim // self.enc_num_heads} must be divisible by 4 "
-                             "for RoPE2D")
         if self.dec_embed_dim % 2:
             raise ValueError(f"dec_embed_dim={self.dec_embed_dim} must be even for the sin-cos image-id embedding")
-        if not self.pos_embed.startswith("RoPE"):
-            raise ValueError(f"pos_embed={self.pos_embed!r} is not supported: the Fast3R CroCo encoder uses RoPE2D "
-                             "('RoPE100')")
-        if self.head_type != "dpt" or self.output_mode != "pts3d":
+        if self.output_mode != "pts3d":
             raise ValueError(f"head_type={self.head_type!r}, output_mode={self.output_mode!r}: Fast3R supports "
                              "head_type='dpt' with output_mode='pts3d' only (as upstream)")
-        if any(s % self.patch_size for s in self.img_size):
-            raise ValueError(f"img_size={self.img_size} must be a multiple of patch_size={self.patch_size}")
         if self.n_image_ids < 2:
             raise ValueError(f"n_image_ids={self.n_image_ids} must be at least 2")
 
-    @property
-    def rope_base(self) -> float:
-        return float(self.pos_embed[4:] or 100)
+    @classmethod
+    def supported_heads(cls) -> tuple[str, ...]:
+        return ("dpt",)
 
     @property
     def dec_attn_scale(self) -> float:
@@ -191,37 +158,12 @@ class Fast3RConfig(ConfigMixin):
 
     def to_constructor(self) -> str:
         """The upstream constructor string (``Fast3R(encoder_args=dict(...), ...)``)."""
-
-        def lit(v: Any) -> str:
-            if isinstance(v, dict):
-                return "dict(" + ", ".join(f"{k}={lit(x)}" for k, x in v.items()) + ")"
-            if isinstance(v, float) and math.isinf(v):
-                return "inf" if v > 0 else "-inf"
-            if isinstance(v, (tuple, list)):
-                return "(" + ", ".join(lit(x) for x in v) + ("," if len(v) == 1 else "") + ")"
-            return repr(v)
-
-        return "Fast3R(" + ", ".join(f"{k}={lit(v)}" for k, v in self.constructor_kwargs().items()) + ")"
+        return "Fast3R(" + ", ".join(f"{k}={py_literal(v)}" for k, v in self.constructor_kwargs().items()) + ")"
 
     def to_hf_config(self) -> dict[str, Any]:
         """The ``config.json`` content of an upstream HF checkpoint directory (JSON-safe)."""
+        return jsonable(self.constructor_kwargs())
 
-        def js(v: Any) -> Any:
-            if isinstance(v, dict):
-                return {k: js(x) for k, x in v.items()}
-            if isinstance(v, (tuple, list)):
-                return [js(x) for x in v]
-            if isinstance(v, float) and math.isinf(v):
-                return "inf" if v > 0 else "-inf"
-            return v
-
-        return js(self.constructor_kwargs())
-
-
-def _pair(v: Any) -> tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    return (int(v[0]), int(v[1]))
 
 
 # Upstream keywords with no effect on the inference network (dropout, kernels, training flags).
@@ -257,7 +199,7 @@ def _jsonable_deep(value: Any) -> Any:
         return {k: _jsonable_deep(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return tuple(_jsonable_deep(v) for v in value)
-    return _from_jsonable(value)
+    return config_value(value)
 
 
 def fast3r_config_from_constructor(kwargs: dict[str, Any]) -> Fast3RConfig:
@@ -298,7 +240,7 @@ def fast3r_config_from_constructor(kwargs: dict[str, Any]) -> Fast3RConfig:
                 fields[table[key]] = value
     if fields.get("patch_embed_cls") == "ManyAR_PatchEmbed":
         fields["patch_embed_cls"] = "PatchEmbedDust3R"  # same weights and maths for one aspect ratio per batch
-    fields["img_size"] = _pair(fields["img_size"])  # upstream allows one int for a square size
+    fields["img_size"] = pair(fields["img_size"])  # upstream allows one int for a square size
     for key in ("enc_mlp_ratio", "dec_mlp_ratio"):
         fields[key] = float(fields[key])
     return Fast3RConfig(**fields)
@@ -405,6 +347,7 @@ class HookedFast3R(MultiViewModel):
 
     family = "fast3r"
     fixed_n_views = None
+    lens_reads_encoder = True  # the DPT heads read the encoder output beside the decoder's
     config: Fast3RConfig
 
     def __init__(self, config: Fast3RConfig):

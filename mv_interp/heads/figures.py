@@ -19,8 +19,9 @@ from torch import Tensor
 from ..adapters.base import pattern_blocks
 from ..loading import atomic_write
 from ..metrics import patch_centres
+from ..types import ModelLike, as_module
 from .result import HeadRef, HeadScores, group_title, px_label, rows_by_group
-from .scoring import GEOMETRY_KEYS, _as_views, _module
+from .scoring import GEOMETRY_KEYS, _as_views
 from .targets import Correspondence, correspondence_targets
 
 __all__ = [
@@ -238,8 +239,8 @@ def _blend(img: Tensor, attn: Tensor, patch: int, cmap) -> Tensor:
     return img * (1 - alpha) + colour * alpha
 
 
-def _one_pair(model: Any, views: Any, sample: int) -> tuple[Any, list[dict[str, Tensor]]]:
-    module = _module(model)
+def _one_pair(model: ModelLike, views: Any, sample: int) -> tuple[Any, list[dict[str, Tensor]]]:
+    module = as_module(model)
     vs = _as_views(views, "views")
     n = vs[0]["img"].shape[0]
     if not 0 <= sample < n:
@@ -250,9 +251,8 @@ def _one_pair(model: Any, views: Any, sample: int) -> tuple[Any, list[dict[str, 
 def _read_blocks(module, views: list[dict[str, Tensor]], refs: Sequence[HeadRef]) -> dict[tuple, Tensor]:
     """``{(site, qv, kv): [head, q_pos, k_pos]}`` of one pair for the sites of ``refs``."""
     n_views = len(views)
-    from .scoring import _call_sites
 
-    sites = {s.name: s for s in _call_sites(module.attention_sites, n_views)}
+    sites = {s.name: s for s in module.attention_sites(n_views=n_views)}
     missing = sorted({r.site for r in refs} - set(sites))
     if missing:
         raise KeyError(f"no attention site named {missing}; sites: {sorted(sites)[:12]}")
@@ -289,7 +289,7 @@ def default_queries(grid: tuple[int, int], n: int = 4, match: Tensor | None = No
     return [candidates[i] for i in chosen]
 
 
-def plot_attention_overlays(model: Any, views: Any, heads: Sequence[HeadRef], path: str | Path,
+def plot_attention_overlays(model: ModelLike, views: Any, heads: Sequence[HeadRef], path: str | Path,
                             queries: Sequence[int] | None = None, sample: int = 0,
                             labels: Mapping[HeadRef, Sequence[str]] | None = None) -> Path:
     """Attention maps of chosen heads for chosen query patches (the paper's Figure 15 style).
@@ -350,7 +350,7 @@ def plot_attention_overlays(model: Any, views: Any, heads: Sequence[HeadRef], pa
     return _save(fig, path)
 
 
-def plot_correspondence_lines(model: Any, views: Any, scores: HeadScores, path: str | Path, sample: int = 0,
+def plot_correspondence_lines(model: ModelLike, views: Any, scores: HeadScores, path: str | Path, sample: int = 0,
                               max_lines: int = 40, threshold_px: float | None = None) -> Path:
     """Correspondences of the best head per layer on one pair: the key view (left) and the query
     view (right) side by side, a line from each query patch to the key patch its head attends to
@@ -424,7 +424,7 @@ def _example_blocks(scores: HeadScores) -> list[tuple[str, tuple[str, int, int]]
     return out
 
 
-def save_example_figures(model: Any, views: Any, scores: HeadScores, out_dir: str | Path, n_queries: int = 4,
+def save_example_figures(model: ModelLike, views: Any, scores: HeadScores, out_dir: str | Path, n_queries: int = 4,
                          sample: int = 0) -> dict[str, Path]:
     """Figure-15-style overlays (every head of the best correspondence block, the strongest register
     block and the most local block) and the correspondence lines of the best head per layer, on
@@ -433,7 +433,7 @@ def save_example_figures(model: Any, views: Any, scores: HeadScores, out_dir: st
     labels = scores.labels()
     paths: dict[str, Path] = {}
     _, pair = _one_pair(model, views, sample)
-    p = _module(model).patch_size
+    p = as_module(model).patch_size
     for label, (site, qv, kv) in _example_blocks(scores):
         unit = scores.unit(site, qv, kv)
         refs = [HeadRef(site, qv, kv, h) for h in range(unit.site.n_heads)]

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import fnmatch
 import functools
-import inspect
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -42,7 +41,8 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-from ..adapters.base import AttentionSite, ConfigMixin, MultiViewModel, ProbeSite, pattern_blocks, view_tokens
+from ..adapters.base import AttentionSite, ConfigMixin, ProbeSite, pattern_blocks, view_tokens
+from ..types import ModelLike, as_module
 from .targets import Correspondence, centre_distance, correspondence_targets, grid_distance
 
 __all__ = [
@@ -292,19 +292,6 @@ def _input_residual(site: AttentionSite, key_view: int, probes: Sequence[ProbeSi
     return max(before, key=lambda p: p.order) if before else None
 
 
-def _module(model: Any) -> MultiViewModel:
-    module = getattr(model, "module", model) if not isinstance(model, MultiViewModel) else model
-    if not isinstance(module, MultiViewModel):
-        raise TypeError(f"expected an mv_interp model (mv_interp.load_model(...)), got {type(model).__name__}")
-    return module
-
-
-def _call_sites(method: Callable, n_views: int, **kwargs: Any) -> list:
-    if "n_views" in inspect.signature(method).parameters:
-        return list(method(n_views=n_views, **kwargs))
-    return list(method(**kwargs))
-
-
 # --------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------
@@ -393,10 +380,10 @@ class HeadScorer:
     truth computed from depth and cameras (:func:`~mv_interp.heads.targets.correspondence_targets`).
     """
 
-    def __init__(self, model: Any, config: ScoreConfig | None = None,
+    def __init__(self, model: ModelLike, config: ScoreConfig | None = None,
                  correspondence_fn: Callable[..., Correspondence] | None = None) -> None:
         self.model = model
-        self.module = _module(model)
+        self.module = as_module(model)
         self.config = config or ScoreConfig()
         self.correspondence_fn = correspondence_fn or correspondence_targets
         self.thresholds = self.config.resolved_thresholds(self.module.patch_size)
@@ -411,9 +398,9 @@ class HeadScorer:
 
     # -- sites ------------------------------------------------------------------------
     def _sites(self, n_views: int) -> list[AttentionSite]:
-        sites = [s for s in _call_sites(self.module.attention_sites, n_views) if self.config.wants(s)]
+        sites = [s for s in self.module.attention_sites(n_views=n_views) if self.config.wants(s)]
         if not sites:
-            names = [s.name for s in _call_sites(self.module.attention_sites, n_views)]
+            names = [s.name for s in self.module.attention_sites(n_views=n_views)]
             raise ValueError(f"no attention site of {type(self.module).__name__} matches sites={self.config.sites}; "
                              f"its sites: {names[:12]}{' …' if len(names) > 12 else ''}")
         return sites
@@ -421,7 +408,7 @@ class HeadScorer:
     def _units_for(self, sites: Sequence[AttentionSite], n_views: int, grid: tuple[int, int]) -> dict:
         probes: list[ProbeSite] = []
         if "register" in self.config.kinds:
-            probes = _call_sites(self.module.probe_sites, n_views, encoder_blocks=True)
+            probes = self.module.probe_sites(encoder_blocks=True, n_views=n_views)
         per = grid[0] * grid[1]
         units = {}
         for site in sites:
@@ -460,7 +447,7 @@ class HeadScorer:
         hooks = [(site.pattern_hook, self._pattern_hook(site, n_views, targets, top_keys)) for site in sites.values()]
         resid_probes = {u.resid_site: u for u in self.units.values() if u.resid_hook}
         if resid_probes:
-            probes = {ps.name: ps for ps in _call_sites(self.module.probe_sites, n_views, encoder_blocks=True)}
+            probes = {ps.name: ps for ps in self.module.probe_sites(encoder_blocks=True, n_views=n_views)}
             by_hook: dict[str, list[ProbeSite]] = {}
             for name in resid_probes:
                 by_hook.setdefault(probes[name].hook, []).append(probes[name])
@@ -584,7 +571,7 @@ class HeadScorer:
 
 
 def score_heads(
-    model: Any,
+    model: ModelLike,
     data: Any,
     kinds: Sequence[str] = KINDS,
     *,

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .sites import hook_info, hooked_module, n_views_for
+from ..types import ModelLike, as_module
+from .sites import hook_info, n_views_for
 
 FORMAT = "mv_interp.mean_activations/1"
 
@@ -96,7 +97,7 @@ def _batches(inputs: Any) -> Iterable[Sequence[Any]]:
     return inputs
 
 
-def compute_means(model: Any, inputs: Any, hooks: Sequence[str] | str, *, per_position: bool = True,
+def compute_means(model: ModelLike, inputs: Any, hooks: Sequence[str] | str, *, per_position: bool = True,
                   n_views: int | None = None, progress: bool = False) -> MeanActivations:
     """Mean of each hook's activation over every example of ``inputs``.
 
@@ -141,17 +142,17 @@ def compute_means(model: Any, inputs: Any, hooks: Sequence[str] | str, *, per_po
             size = tuple(views[0].shape[-2:]) if isinstance(views[0], Tensor) else size
     if count == 0:
         raise ValueError("compute_means got no examples")
-    module = hooked_module(model)
+    module = as_module(model)
     info = {"model": type(module).__name__, "input_size": list(size) if size else None}
     return MeanActivations({h: (s / count).float() for h, s in sums.items()}, count, per_position, info)
 
 
-def head_means(model: Any, inputs: Any, *, stack: str = "dec", kinds: Sequence[str] | None = None,
+def head_means(model: ModelLike, inputs: Any, *, stack: str = "dec", kinds: Sequence[str] | None = None,
                per_position: bool = True, n_views: int | None = None, progress: bool = False) -> MeanActivations:
     """:func:`compute_means` of every attention site's per-head output (``hook_z``) in ``stack``."""
-    sites = [s for s in hooked_module(model).attention_sites() if s.stack == stack]
+    sites = [s for s in as_module(model).attention_sites() if s.stack == stack]
     if not sites:
-        stacks = sorted({s.stack for s in hooked_module(model).attention_sites()})
+        stacks = sorted({s.stack for s in as_module(model).attention_sites()})
         raise ValueError(f"stack={stack!r} has no attention sites; valid stacks: {stacks}")
     if kinds is not None:
         have = sorted({s.kind for s in sites})

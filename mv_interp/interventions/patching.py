@@ -28,8 +28,8 @@ import nnsight
 import torch
 from torch import Tensor
 
+from ..types import ModelLike, as_module, is_traced
 from .metrics import Metric, distance_to, metric_name, reduce_metric
-from .sites import hooked_module
 from .specs import ActivationPatch, Intervention, read_source_nnsight
 
 METHODS = ("hooks", "traces", "invokes")
@@ -42,7 +42,7 @@ def _views(views: Any, what: str) -> tuple:
     return tuple(views)
 
 
-def run_patched(model: Any, spec: Intervention, clean: Sequence[Any], corrupted: Sequence[Any], *,
+def run_patched(model: ModelLike, spec: Intervention, clean: Sequence[Any], corrupted: Sequence[Any], *,
                 method: str = "hooks", n_views: int | None = None) -> Any:
     """Run ``corrupted`` with ``spec``'s source activations taken from a run of ``clean``.
 
@@ -77,7 +77,7 @@ def run_patched(model: Any, spec: Intervention, clean: Sequence[Any], corrupted:
         return out
 
 
-def read_clean_nnsight(model: Any, clean: Sequence[Any], hooks: Sequence[str]) -> dict[str, Tensor]:
+def read_clean_nnsight(model: ModelLike, clean: Sequence[Any], hooks: Sequence[str]) -> dict[str, Tensor]:
     """The activations of ``hooks`` on ``clean``, read in one nnsight trace."""
     with torch.no_grad():
         with model.trace(*clean):
@@ -85,8 +85,8 @@ def read_clean_nnsight(model: Any, clean: Sequence[Any], hooks: Sequence[str]) -
     return dict(source)
 
 
-def _require_nnsight(model: Any) -> None:
-    if not hasattr(model, "_module"):
+def _require_nnsight(model: ModelLike) -> None:
+    if not is_traced(model):
         raise TypeError("methods 'traces' and 'invokes' need the nnsight-wrapped model (mv_interp.MVModel); "
                         "use method='hooks' with a plain module")
 
@@ -237,7 +237,7 @@ class _Cell:
     spec: ActivationPatch
 
 
-def sweep_cells(model: Any, per: str = "site", *, stack: str = "dec", kinds: Sequence[str] | None = None,
+def sweep_cells(model: ModelLike, per: str = "site", *, stack: str = "dec", kinds: Sequence[str] | None = None,
                 views: Sequence[int] | None = None, layers: Sequence[int] | None = None,
                 sublayers: bool = True, n_tokens: int | None = None, n_views: int | None = None):
     """(sites, layers, inner, hooks, cells) of a sweep, from the model's probe / attention sites.
@@ -248,7 +248,7 @@ def sweep_cells(model: Any, per: str = "site", *, stack: str = "dec", kinds: Seq
     """
     if per not in PER:
         raise ValueError(f"per must be one of {PER}, got {per!r}")
-    module = hooked_module(model)
+    module = as_module(model)
     entries: list[tuple[str, int, str, int]] = []  # (row label, layer, hook, view)
     if per in ("site", "position"):
         all_sites = module.probe_sites(encoder_blocks=stack == "enc", sublayers=sublayers)
@@ -322,7 +322,7 @@ def sweep_cells(model: Any, per: str = "site", *, stack: str = "dec", kinds: Seq
     return rows, cols, inner, hooks, cells
 
 
-def patching_sweep(model: Any, clean: Sequence[Any], corrupted: Sequence[Any], *, per: str = "site",
+def patching_sweep(model: ModelLike, clean: Sequence[Any], corrupted: Sequence[Any], *, per: str = "site",
                    metric: Metric | None = None, normalize: bool = True, stack: str = "dec",
                    kinds: Sequence[str] | None = None, views: Sequence[int] | None = None,
                    layers: Sequence[int] | None = None, sublayers: bool = True, method: str = "hooks",
@@ -339,11 +339,11 @@ def patching_sweep(model: Any, clean: Sequence[Any], corrupted: Sequence[Any], *
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     clean, corrupted = _views(clean, "clean"), _views(corrupted, "corrupted")
     n_views = n_views if n_views is not None else len(corrupted)
-    module = hooked_module(model)
+    module = as_module(model)
     t0 = time.perf_counter()
     with torch.no_grad():
-        clean_out = model.forward(*clean) if hasattr(model, "_module") else model(*clean)
-        corrupted_out = model.forward(*corrupted) if hasattr(model, "_module") else model(*corrupted)
+        clean_out = model.forward(*clean) if is_traced(model) else model(*clean)
+        corrupted_out = model.forward(*corrupted) if is_traced(model) else model(*corrupted)
     n_tokens = None
     if per == "position":
         img = clean[0]["img"] if isinstance(clean[0], dict) else clean[0]

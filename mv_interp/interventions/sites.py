@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..adapters.base import AttentionSite, MultiViewModel
+from ..adapters.base import AttentionSite
+from ..types import ModelLike, as_module, is_traced
 
 # axis roles of the hooks the shared attention core exposes (TransformerLens names)
 _ATTN_AXES = {
@@ -33,17 +34,9 @@ RESID_AXES = "batch pos d_model"
 _SITE_TO_TOKEN_LAYOUT = {"view": "view", "stacked": "stacked", "global": "concat"}
 
 
-def hooked_module(model: Any) -> MultiViewModel:
-    """The plain hooked module of an :class:`~mv_interp.model.MVModel` (or the module itself)."""
-    module = getattr(model, "_module", model)
-    if not isinstance(module, MultiViewModel):
-        raise TypeError(f"expected an mv_interp model (MVModel or MultiViewModel), got {type(model).__name__}")
-    return module
-
-
-def check_hook(model: Any, name: str) -> str:
+def check_hook(model: ModelLike, name: str) -> str:
     """``name`` if the model has that hook point, else a KeyError listing similar names."""
-    module = hooked_module(model)
+    module = as_module(model)
     if name not in module.hook_dict:
         raise KeyError(module._unknown_hook_message(name))
     return name
@@ -52,17 +45,17 @@ def check_hook(model: Any, name: str) -> str:
 _ORDER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def hook_order(model: Any) -> list[str]:
+def hook_order(model: ModelLike) -> list[str]:
     """Every hook name in execution order, safe to call inside an nnsight trace.
 
     Outside a trace this is ``model.hook_names()``. Inside one (``apply_nnsight`` may be the first
     thing to need the order), the recording forward goes through the envoy — ``model(...)``, which
     nnsight runs with the trace stood down — so it neither feeds nor consumes the trace's visits.
     """
-    module = hooked_module(model)
+    module = as_module(model)
     if module in _ORDER:
         return _ORDER[module]
-    interleaver = getattr(model, "interleaver", None) if hasattr(model, "_module") else None
+    interleaver = getattr(model, "interleaver", None) if is_traced(model) else None
     if interleaver is None or not getattr(interleaver, "interleaving", False):
         order = module.hook_names()
     else:
@@ -79,15 +72,15 @@ def hook_order(model: Any) -> list[str]:
     return order
 
 
-def execution_rank(model: Any) -> dict[str, int]:
+def execution_rank(model: ModelLike) -> dict[str, int]:
     """Hook name → position in the forward pass (what nnsight edits must follow)."""
     return {n: i for i, n in enumerate(hook_order(model))}
 
 
-def envoy(model: Any, name: str) -> Any:
+def envoy(model: ModelLike, name: str) -> Any:
     """The nnsight envoy of hook ``name`` (``model.dec_blocks2[1].attn.hook_pattern`` for
     ``"dec_blocks2.1.attn.hook_pattern"``)."""
-    if not hasattr(model, "_module"):
+    if not is_traced(model):
         raise TypeError("apply_nnsight needs the nnsight-wrapped model (mv_interp.MVModel), not the plain module; "
                         "use fwd_hooks() with a plain module")
     obj = model
@@ -96,7 +89,7 @@ def envoy(model: Any, name: str) -> Any:
     return obj
 
 
-def n_views_or_none(model: Any, n_views: int | None, site: AttentionSite | None = None) -> int | None:
+def n_views_or_none(model: ModelLike, n_views: int | None, site: AttentionSite | None = None) -> int | None:
     """:func:`n_views_for`, or ``None`` when unknown (an error is raised only where it is needed)."""
     try:
         return n_views_for(model, n_views, site)
@@ -113,17 +106,17 @@ def _need_n_views(n_views: int | None, name: str) -> int:
     return n_views
 
 
-def n_views_for(model: Any, n_views: int | None, site: AttentionSite | None = None) -> int:
+def n_views_for(model: ModelLike, n_views: int | None, site: AttentionSite | None = None) -> int:
     """How many views the run holds: given, or fixed by the model."""
     if n_views is not None:
         if n_views < 1:
             raise ValueError(f"n_views must be >= 1, got {n_views}")
         return n_views
-    fixed = hooked_module(model).fixed_n_views
+    fixed = as_module(model).fixed_n_views
     if fixed is not None:
         return fixed
     # a model taking any number of views: the site metadata cannot say how many this run has
-    raise ValueError(f"{type(hooked_module(model)).__name__} takes any number of views: pass n_views= "
+    raise ValueError(f"{type(as_module(model)).__name__} takes any number of views: pass n_views= "
                      "(the number of views of the run) so tokens can be split by view")
 
 
@@ -140,13 +133,13 @@ def _query_views(site: AttentionSite) -> tuple[int, ...] | None:
 
 
 def resolve_attention_sites(
-    model: Any, stack: str, kind: str, layers: Sequence[int] | str, view: int | None
+    model: ModelLike, stack: str, kind: str, layers: Sequence[int] | str, view: int | None
 ) -> list[AttentionSite]:
     """The attention sites an intervention addresses, with errors naming the valid choices.
 
     ``view`` is the query view (``None``: every site of those layers, all query views).
     """
-    sites = hooked_module(model).attention_sites()
+    sites = as_module(model).attention_sites()
     stacks = sorted({s.stack for s in sites})
     if stack not in stacks:
         raise ValueError(f"stack={stack!r} has no attention sites in this model; valid stacks: {stacks}")
@@ -296,10 +289,10 @@ class HookInfo:
         return None
 
 
-def hook_info(model: Any, name: str) -> HookInfo:
+def hook_info(model: ModelLike, name: str) -> HookInfo:
     """Axes, token layout and views of hook ``name`` from the model's site metadata."""
     check_hook(model, name)
-    module = hooked_module(model)
+    module = as_module(model)
     prefix, _, leaf = name.rpartition(".")
     for site in module.attention_sites():
         if site.z_hook.rpartition(".")[0] == prefix and leaf in _ATTN_AXES:

@@ -32,9 +32,10 @@ from torch import Tensor
 
 from .. import metrics as M
 from ..loading import atomic_write
+from ..types import ModelLike, as_module
 from .data import EVAL_SEED, Batch, SyntheticSource, batch_size_of, check_batch, slice_batch
 from .lens import lens_sites, pointmap_lens
-from .probeset import ProbeSet, unwrap
+from .probeset import ProbeSet
 from .sites import Location, group_locations, read_tokens
 
 LENS = "lens"
@@ -200,9 +201,9 @@ def figure4_path(locations: Sequence[Location]) -> list[Location]:
 # --------------------------------------------------------------------------------------
 
 
-def eval_pairs(model: Any, n: int = 64, seed: int = EVAL_SEED, device: Any = None, scene: Any = None) -> Batch:
+def eval_pairs(model: ModelLike, n: int = 64, seed: int = EVAL_SEED, device: Any = None, scene: Any = None) -> Batch:
     """``n`` held-out synthetic pairs at the model's input size (scenes ``seed … seed + n − 1``)."""
-    module = unwrap(model)
+    module = as_module(model)
     return SyntheticSource(tuple(module.config.img_size), seed=seed, scene=scene).pairs(n, device or module.device)
 
 
@@ -269,7 +270,7 @@ def _run(module, sites, views, n_views):
 
 
 @torch.no_grad()
-def evaluate_probes(model: Any, probes: ProbeSet | None = None, data: Any = 64, *, control: ProbeSet | None = None,
+def evaluate_probes(model: ModelLike, probes: ProbeSet | None = None, data: Any = 64, *, control: ProbeSet | None = None,
                     lens: bool = True, batch_size: int = 8, check: bool = True, progress: bool = False) -> ProbeTable:
     """Evaluate probes, the pointmap lens and the control per site on held-out pairs.
 
@@ -286,7 +287,7 @@ def evaluate_probes(model: Any, probes: ProbeSet | None = None, data: Any = 64, 
     >>> table = evaluate_probes(model, probes, 256, control=control)
     >>> table.write("runs/eval"); table.series("mlp", "e2_aligned_v2")
     """
-    module = unwrap(model).eval()
+    module = as_module(model).eval()
     if probes is not None and check:
         probes.check_backbone(module)
     sites = list(probes.sites) if probes is not None else module.probe_sites()

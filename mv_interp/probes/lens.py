@@ -6,34 +6,25 @@ lens already decodes good geometry, the state is in the final layer's "format".
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..adapters.base import MultiViewModel, ProbeSite
-from .probeset import unwrap
+from ..adapters.base import ProbeSite
+from ..types import ModelLike, as_module
 
 
-def _accepts_enc_tokens(module: MultiViewModel) -> bool:
-    try:
-        return "enc_tokens" in inspect.signature(module.pointmap_lens).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def lens_sites(model: Any, sites: Sequence[ProbeSite]) -> list[ProbeSite]:
+def lens_sites(model: ModelLike, sites: Sequence[ProbeSite]) -> list[ProbeSite]:
     """``sites`` plus the encoder-output sites a lens needs for heads that read the encoder (DPT)."""
-    module = unwrap(model)
-    extra = [s for s in module.probe_sites() if s.kind == "enc_out"] if _accepts_enc_tokens(module) else []
+    module = as_module(model)
+    extra = [s for s in module.probe_sites() if s.kind == "enc_out"] if module.lens_reads_encoder else []
     names = {s.name for s in sites}
     return list(sites) + [s for s in extra if s.name not in names]
 
 
 @torch.no_grad()
-def pointmap_lens(model: Any, tokens: Mapping[str, Tensor], sites: Sequence[ProbeSite],
+def pointmap_lens(model: ModelLike, tokens: Mapping[str, Tensor], sites: Sequence[ProbeSite],
                   grid: tuple[int, int]) -> dict[str, dict[str, Tensor]]:
     """``{site name: {"pts3d", "conf"}}``: each site's tokens decoded by the model's own norm and head.
 
@@ -42,8 +33,8 @@ def pointmap_lens(model: Any, tokens: Mapping[str, Tensor], sites: Sequence[Prob
 
     >>> out = pointmap_lens(model, tokens, model.probe_sites(), grid=(14, 14))
     """
-    module = unwrap(model)
-    needs_enc = _accepts_enc_tokens(module)
+    module = as_module(model)
+    needs_enc = module.lens_reads_encoder
     enc = {s.view: s.name for s in module.probe_sites() if s.kind == "enc_out"} if needs_enc else {}
     out = {}
     for site in sites:

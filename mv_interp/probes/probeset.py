@@ -8,7 +8,6 @@ family/config/fingerprint, the training configuration and step).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -18,8 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..adapters.base import MultiViewModel, ProbeSite, _from_jsonable, _jsonable, adapter_for_model
-from ..loading import atomic_write
+from ..adapters.base import MultiViewModel, ProbeSite, adapter_for_model, config_value
+from ..io import atomic_write, dumps_json, jsonable, read_json
+from ..types import ModelLike, as_module
 from .config import ProbeSpec
 from .modules import ProbeBank
 from .sites import Location, group_locations, read_tokens
@@ -31,12 +31,9 @@ DEFAULT_DEPTH_MODE = ("exp", -math.inf, math.inf)
 DEFAULT_CONF_MODE = ("exp", 1, math.inf)
 
 
-def unwrap(model: Any) -> MultiViewModel:
-    """The plain hooked module of an :class:`~mv_interp.model.MVModel` (or the module itself)."""
-    module = getattr(model, "module", model) if not isinstance(model, MultiViewModel) else model
-    if not isinstance(module, MultiViewModel):
-        raise TypeError(f"expected a hooked multi-view model (mv_interp.load_model(...)), got {type(model).__name__}")
-    return module
+def unwrap(model: ModelLike) -> MultiViewModel:
+    """Deprecated: use :func:`mv_interp.types.as_module` (the same thing)."""
+    return as_module(model)
 
 
 @torch.no_grad()
@@ -84,16 +81,15 @@ class ProbeSet(nn.Module):
 
     # -- construction -------------------------------------------------------------------
     @classmethod
-    def for_model(cls, model: Any, sites: Sequence[ProbeSite], specs: Sequence[ProbeSpec], seed: int = 0,
+    def for_model(cls, model: ModelLike, sites: Sequence[ProbeSite], specs: Sequence[ProbeSpec], seed: int = 0,
                   meta: Mapping[str, Any] | None = None, n_views: int | None = None) -> ProbeSet:
         """Freshly initialised probes for ``sites`` of ``model`` (post-processing modes from its config);
         ``n_views`` defaults to the views ``sites`` cover."""
-        module = unwrap(model)
+        module = as_module(model)
         cfg = module.config
         base = {"family": adapter_for_model(module).name, "model_config": cfg.to_dict(),
                 "fingerprint": fingerprint(module), "backbone": "model", "init_seed": seed, "step": 0}
-        ps = cls(sites, specs, module.patch_size, getattr(cfg, "depth_mode", DEFAULT_DEPTH_MODE),
-                 getattr(cfg, "conf_mode", DEFAULT_CONF_MODE), n_views or max(s.view for s in sites),
+        ps = cls(sites, specs, module.patch_size, cfg.depth_mode, cfg.conf_mode, n_views or max(s.view for s in sites),
                  {**base, **dict(meta or {})})
         ps.bank.reset_parameters(seed)
         return ps.to(module.device)
@@ -127,9 +123,9 @@ class ProbeSet(nn.Module):
         """Every site's tokens from a cache recorded with ``names_filter=self.hooks``."""
         return read_tokens(cache, self.sites, self.n_views)
 
-    def run(self, model: Any, *views: Tensor, kinds: Sequence[str] | None = None) -> dict:
+    def run(self, model: ModelLike, *views: Tensor, kinds: Sequence[str] | None = None) -> dict:
         """One frozen backbone pass over ``views`` (images ``[batch, 3, H, W]``), then every probe."""
-        module = unwrap(model)
+        module = as_module(model)
         with torch.no_grad():
             _, cache = module.run_with_cache(*views, names_filter=self.hooks)
             grid = (views[0].shape[-2] // self.patch_size, views[0].shape[-1] // self.patch_size)
@@ -145,10 +141,10 @@ class ProbeSet(nn.Module):
                 return s
         raise KeyError(f"no site {name!r} in this probe set; sites: {[s.name for s in self.sites]}")
 
-    def check_backbone(self, model: Any) -> None:
+    def check_backbone(self, model: ModelLike) -> None:
         """Raise if ``model`` is not the family/config the probes were trained on (weights are
         compared too for ``backbone == "model"``)."""
-        module = unwrap(model)
+        module = as_module(model)
         cfg = module.config.to_dict()
         if self.meta.get("model_config") not in (None, cfg):
             diff = sorted(k for k in cfg if self.meta["model_config"].get(k) != cfg[k])
@@ -160,10 +156,10 @@ class ProbeSet(nn.Module):
                              f"(fingerprint {self.meta['fingerprint']} vs {fingerprint(module)}); load that model, "
                              "or pass check=False to apply them anyway")
 
-    def backbone(self, model: Any) -> MultiViewModel:
+    def backbone(self, model: ModelLike) -> MultiViewModel:
         """The module these probes read: ``model`` itself, or the seeded random re-initialisation of
         its architecture for a control set (``meta["backbone"] == "random"``)."""
-        module = unwrap(model)
+        module = as_module(model)
         if self.meta.get("backbone", "model") == "random":
             rnd = random_backbone(module, int(self.meta["control_seed"]))
             if self.meta.get("fingerprint") not in (None, fingerprint(rnd)):
@@ -182,8 +178,8 @@ class ProbeSet(nn.Module):
             "groups": [{"key": k, "kind": self.bank.group_spec(k).name, "dims": g.dims, "sites": self.bank.members[k]}
                        for k, g in self.bank.groups.items()],
             "patch_size": self.patch_size,
-            "depth_mode": _jsonable(list(self.bank.depth_mode)),
-            "conf_mode": _jsonable(list(self.bank.conf_mode)),
+            "depth_mode": jsonable(list(self.bank.depth_mode)),
+            "conf_mode": jsonable(list(self.bank.conf_mode)),
             "n_views": self.n_views,
             "meta": self.meta,
         }
@@ -195,7 +191,7 @@ class ProbeSet(nn.Module):
         directory = Path(directory)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.bank.state_dict().items()}
         atomic_write(directory / WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": FORMAT}))
-        text = json.dumps(self.description(), indent=1, allow_nan=True)
+        text = dumps_json(self.description())
         atomic_write(directory / DESCRIPTION, lambda p: Path(p).write_text(text))
         return directory
 
@@ -208,13 +204,13 @@ class ProbeSet(nn.Module):
         if not (directory / DESCRIPTION).is_file():
             raise FileNotFoundError(f"no probe set in {directory}: expected {DESCRIPTION} and {WEIGHTS} "
                                     "(written by `mv-interp probes train` / ProbeSet.save)")
-        desc = json.loads((directory / DESCRIPTION).read_text())
+        desc = read_json(directory / DESCRIPTION)
         if desc.get("format") != FORMAT:
             raise ValueError(f"{directory / DESCRIPTION} has format {desc.get('format')!r}; expected {FORMAT!r}")
         sites = [ProbeSite(**s) for s in desc["sites"]]
         specs = [ProbeSpec.from_dict(s) for s in desc["specs"]]
-        ps = cls(sites, specs, desc["patch_size"], _from_jsonable(desc["depth_mode"]),
-                 _from_jsonable(desc["conf_mode"]), desc["n_views"], desc.get("meta"))
+        ps = cls(sites, specs, desc["patch_size"], config_value(desc["depth_mode"]),
+                 config_value(desc["conf_mode"]), desc["n_views"], desc.get("meta"))
         from safetensors.torch import load_file
 
         state = load_file(str(directory / WEIGHTS))

@@ -24,10 +24,11 @@ from typing import Any
 import torch
 
 from ..loading import atomic_write
+from ..types import ModelLike, as_module
 from .config import TrainConfig
 from .data import PairSource, SyntheticSource, check_batch
 from .losses import probe_loss
-from .probeset import ProbeSet, fingerprint, random_backbone, unwrap
+from .probeset import ProbeSet, fingerprint, random_backbone
 from .sites import select_sites
 
 CHECKPOINT = "checkpoint.pt"
@@ -97,7 +98,7 @@ def _load_checkpoint(path: Path, probes: ProbeSet, opt: torch.optim.Optimizer, i
     return int(state["step"])
 
 
-def train_probes(model: Any, config: TrainConfig | None = None, out_dir: str | os.PathLike | None = None,
+def train_probes(model: ModelLike, config: TrainConfig | None = None, out_dir: str | os.PathLike | None = None,
                  data: Any = None, progress: bool = True, stop_after: int | None = None) -> ProbeSet:
     """Train probes of every kind in ``config.probes`` at every probe site of ``model``, jointly.
 
@@ -122,7 +123,7 @@ def train_probes(model: Any, config: TrainConfig | None = None, out_dir: str | o
     from tqdm.auto import tqdm
 
     config = config or TrainConfig()
-    module = unwrap(model)
+    module = as_module(model)
     if config.backbone == "random":
         module = random_backbone(module, config.control_seed)
     was_training = module.training

@@ -23,11 +23,12 @@ import torch
 from ..images import to_image
 from ..loading import atomic_write
 from ..metrics import SKIP_KINDS, normalize_pointmaps
+from ..types import ModelLike, as_module
 from ..viz import Frame, viewer_assets, viewer_data, viewer_fragment
 from .data import Batch, slice_batch
 from .evaluate import CONTROL_PREFIX, LENS, ProbeTable
 from .lens import lens_sites, pointmap_lens
-from .probeset import ProbeSet, unwrap
+from .probeset import ProbeSet
 from .sites import read_tokens
 
 CURVE_PANELS = (("e1_v1", "E.1 error, view 1"), ("e1_v2", "E.1 error, view 2"),
@@ -140,7 +141,7 @@ def _pair(pair: Batch, index: int = 0) -> Batch:
 
 
 @torch.no_grad()
-def probe_frames(model: Any, probes: ProbeSet | None, pair: Batch, kind: str = "mlp", lens: bool = False,
+def probe_frames(model: ModelLike, probes: ProbeSet | None, pair: Batch, kind: str = "mlp", lens: bool = False,
                  normalize: bool = True) -> list[Frame]:
     """Probed pointmaps of every view at every location of ``probes`` (or the lens), in order.
 
@@ -151,7 +152,7 @@ def probe_frames(model: Any, probes: ProbeSet | None, pair: Batch, kind: str = "
 
     >>> frames = probe_frames(model, probes, pair, kind="mlp")
     """
-    module = unwrap(model)
+    module = as_module(model)
     pair = [{k: v.to(module.device) for k, v in view.items()} for view in _pair(pair)]
     sites = list(probes.sites) if probes is not None else module.probe_sites()
     from .sites import group_locations
@@ -191,7 +192,7 @@ def page_inputs(pair: Batch) -> tuple[list[np.ndarray], list[np.ndarray], list[n
     return images, valid, [g[0].cpu().numpy() for g in gt]
 
 
-def write_4d(out_dir: str | os.PathLike, model: Any, probes: ProbeSet | None, pairs: Mapping[str, Batch],
+def write_4d(out_dir: str | os.PathLike, model: ModelLike, probes: ProbeSet | None, pairs: Mapping[str, Batch],
              kind: str = "mlp", lens: bool = True, rerun: bool = True, max_points: int = 6000,
              title: str = "Probed pointmaps through the network") -> dict[str, Path]:
     """Write ``probes_4d.html`` (one slider viewer per pair and method, works offline) and one

@@ -37,6 +37,7 @@ from ..loading import atomic_write
 from ..probes.data import batch_size_of as n_pairs
 from ..probes.data import slice_batch
 from ..probes.views import page_inputs
+from ..types import ModelLike, as_module
 from .config import ReportConfig
 
 Batch = list[dict[str, Tensor]]
@@ -167,7 +168,7 @@ def pick_examples(stats: Sequence[dict[str, Any]]) -> dict[str, int]:
     return {"easy": easy, "hard": hard}
 
 
-def prepare_pairs(model: Any, cfg: ReportConfig, data: str | os.PathLike | None = None,
+def prepare_pairs(model: ModelLike, cfg: ReportConfig, data: str | os.PathLike | None = None,
                   progress: bool = True) -> Pairs:
     """Render (or load) the held-out pairs and set up the probes' training data.
 
@@ -178,9 +179,8 @@ def prepare_pairs(model: Any, cfg: ReportConfig, data: str | os.PathLike | None 
     """
     from ..data import SceneConfig, collate_views, render_views
     from ..probes.data import EVAL_SEED
-    from ..probes.probeset import unwrap
 
-    module = unwrap(model)
+    module = as_module(model)
     device = module.device
     H, W = tuple(module.config.img_size)
     bs = cfg.batch_size
@@ -261,7 +261,7 @@ def train_config(cfg: ReportConfig, control: bool = False):
 KEY_FILE = "report_key.txt"
 
 
-def train_step(model: Any, pairs: Pairs, tc: Any, directory: Path, key: str, progress: bool) -> dict[str, Any]:
+def train_step(model: ModelLike, pairs: Pairs, tc: Any, directory: Path, key: str, progress: bool) -> dict[str, Any]:
     """Train (or resume) one probe set into ``directory``; returns facts for the report.
 
     A directory left by an interrupted run with the same key resumes from its checkpoint; one
@@ -276,7 +276,7 @@ def train_step(model: Any, pairs: Pairs, tc: Any, directory: Path, key: str, pro
         shutil.rmtree(directory)
     directory.mkdir(parents=True, exist_ok=True)
     write_text(marker, key + "\n")
-    data = pairs.train.views(next(iter(_module(model).parameters())).device) if isinstance(pairs.train, _LazyPool) \
+    data = pairs.train.views(next(iter(as_module(model).parameters())).device) if isinstance(pairs.train, _LazyPool) \
         else pairs.train
     probes = train_probes(model, tc, directory, data=data, progress=progress)
     (directory / CHECKPOINT).unlink(missing_ok=True)
@@ -289,21 +289,15 @@ def train_step(model: Any, pairs: Pairs, tc: Any, directory: Path, key: str, pro
             "parameters": sum(p.numel() for p in probes.parameters())}
 
 
-def _module(model: Any):
-    from ..probes.probeset import unwrap
-
-    return unwrap(model)
-
-
 @torch.no_grad()
-def _outputs(model: Any, views: Batch, batch_size: int) -> list[list[dict[str, Tensor]]]:
+def _outputs(model: ModelLike, views: Batch, batch_size: int) -> list[list[dict[str, Tensor]]]:
     """The model's per-view outputs on ``views``, one list entry per batch of ``batch_size`` pairs."""
-    module = _module(model)
+    module = as_module(model)
     return [module.view_outputs(module(*[v["img"] for v in slice_batch(views, s, s + batch_size)]))
             for s in range(0, n_pairs(views), batch_size)]
 
 
-def output_metrics(model: Any, views: Batch, batch_size: int,
+def output_metrics(model: ModelLike, views: Batch, batch_size: int,
                    outputs: list[list[dict[str, Tensor]]] | None = None) -> dict[str, float]:
     """The model's own output on the held-out pairs, scored like a probe (E.1, E.2, depth);
     ``outputs`` (from :func:`_outputs`) saves the forward passes when they are already at hand."""
@@ -318,10 +312,10 @@ def output_metrics(model: Any, views: Batch, batch_size: int,
     return {k: float(torch.cat(v).nanmean()) for k, v in acc.items()}
 
 
-def evaluate_step(model: Any, pairs: Pairs, cfg: ReportConfig, out: Path, progress: bool) -> tuple[list, dict]:
+def evaluate_step(model: ModelLike, pairs: Pairs, cfg: ReportConfig, out: Path, progress: bool) -> tuple[list, dict]:
     from ..probes import ProbeSet, evaluate_probes, plot_contributions, plot_curves
 
-    module = _module(model)
+    module = as_module(model)
     probes = ProbeSet.load(out / "probes" / "model", device=module.device)
     control = None
     if (out / "probes" / "control" / "probes.json").is_file() and cfg.control:
@@ -345,7 +339,7 @@ def evaluate_step(model: Any, pairs: Pairs, cfg: ReportConfig, out: Path, progre
 # --------------------------------------------------------------------------------------
 
 
-def heads_step(model: Any, pairs: Pairs, cfg: ReportConfig, out: Path, progress: bool,
+def heads_step(model: ModelLike, pairs: Pairs, cfg: ReportConfig, out: Path, progress: bool,
                name: str = "") -> tuple[list, dict]:
     from ..heads import LABELS, save_example_figures, score_heads
 
@@ -422,13 +416,13 @@ def _knockout_specs(scores: Any, unit: Any, heads: list[int], cfg: ReportConfig)
             "random_tokens": AttentionKnockout(keys=Tokens.at(*tokens), **common)}
 
 
-def knockout_step(model: Any, pairs: Pairs, cfg: ReportConfig, out: Path, progress: bool) -> tuple[list, dict]:
+def knockout_step(model: ModelLike, pairs: Pairs, cfg: ReportConfig, out: Path, progress: bool) -> tuple[list, dict]:
     from ..heads import HeadRef, HeadScores, plot_attention_overlays
     from ..heads.figures import default_queries
     from ..interventions import scale_invariant_pointmap_distance
     from ..probes import ProbeSet, ProbeTable, evaluate_probes, probe_frames
 
-    module = _module(model)
+    module = as_module(model)
     d = out / "knockout"
     probes = ProbeSet.load(out / "probes" / "model", device=module.device)
     clean = ProbeTable.load(out / "probes" / "eval")
@@ -537,10 +531,10 @@ def _plot_knockout(rows: list[dict], locations: list[str], unit: Any, heads: lis
 # --------------------------------------------------------------------------------------
 
 
-def patching_step(model: Any, pairs: Pairs, cfg: ReportConfig, out: Path, progress: bool) -> tuple[list, dict]:
+def patching_step(model: ModelLike, pairs: Pairs, cfg: ReportConfig, out: Path, progress: bool) -> tuple[list, dict]:
     from ..interventions import distance_to, patching_sweep
 
-    module = _module(model)
+    module = as_module(model)
     n = n_pairs(pairs.views)
     idx = list(range(cfg.patch_pairs))
     other = [(i + 1) % n for i in idx]  # corrupted view 2: the next pair's view 2 (another scene)
@@ -580,13 +574,13 @@ def patching_step(model: Any, pairs: Pairs, cfg: ReportConfig, out: Path, progre
 # --------------------------------------------------------------------------------------
 
 
-def views_step(model: Any, pairs: Pairs, cfg: ReportConfig, out: Path, progress: bool) -> tuple[list, dict]:
+def views_step(model: ModelLike, pairs: Pairs, cfg: ReportConfig, out: Path, progress: bool) -> tuple[list, dict]:
     from PIL import Image
 
     from ..probes import ProbeSet, probe_frames
     from ..viz import viewer_data, write_rerun_recording
 
-    module = _module(model)
+    module = as_module(model)
     probes = ProbeSet.load(out / "probes" / "model", device=module.device)
     d = out / "views"
     files, info = [], {}

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..types import ModelLike, as_module
 from . import analysis as A
 from .config import ReportConfig
 from .steps import Steps, digest
@@ -80,7 +81,7 @@ def _environment(module: Any) -> dict[str, Any]:
             "device": str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else "")}
 
 
-def run_report(model: Any = "dust3r-toy", config: ReportConfig | None = None, out: str | os.PathLike = "mv_interp_out",
+def run_report(model: ModelLike = "dust3r-toy", config: ReportConfig | None = None, out: str | os.PathLike = "mv_interp_out",
                *, data: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                model_config: Any = None, family: str | None = None, force: bool | Iterable[str] = False,
                progress: bool = True, log: Callable[[str], None] = print, command: str = "") -> dict[str, Path]:
@@ -100,7 +101,7 @@ def run_report(model: Any = "dust3r-toy", config: ReportConfig | None = None, ou
     >>> run_report("dust3r-toy", ReportConfig.preset("fast"), "runs/report")
     """
     from ..api import load_model
-    from ..probes.probeset import fingerprint, unwrap
+    from ..probes.probeset import fingerprint
 
     t_start = time.perf_counter()
     cfg = config or ReportConfig.preset("default")
@@ -114,7 +115,7 @@ def run_report(model: Any = "dust3r-toy", config: ReportConfig | None = None, ou
     if isinstance(model, (str, os.PathLike)):
         log(f"loading {model} on {device}")
         model = load_model(model, device=device, config=model_config, family=family)
-    module = unwrap(model).eval()
+    module = as_module(model).eval()
     if (module.fixed_n_views or 2) != 2:
         raise ValueError(f"{type(module).__name__} takes {module.fixed_n_views} views; the report analyses pairs")
     from ..adapters.base import adapter_for_model

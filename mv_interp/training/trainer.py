@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ..adapters.base import ConfigMixin, get_adapter
 from ..loading import atomic_write
+from ..types import ModelLike, as_module
 
 #: scene seeds of the validation set start here; training seeds stay far below it
 VAL_SEED = 1_000_000_000
@@ -150,7 +151,7 @@ def validation_views(n_pairs: int, scene_cfg: Any, device: torch.device | str = 
 
 
 @torch.no_grad()
-def evaluate(model: Any, views: list[dict[str, Tensor]], batch: int = 32) -> dict[str, float]:
+def evaluate(model: ModelLike, views: list[dict[str, Tensor]], batch: int = 32) -> dict[str, float]:
     """Validation metrics of a 2-view model on rendered pairs (means over pairs; rotation: median).
 
     ``err_v1``/``err_v2``: scale–shift-invariant pointmap error (E.1) of each view;
@@ -160,7 +161,7 @@ def evaluate(model: Any, views: list[dict[str, Tensor]], batch: int = 32) -> dic
     """
     from .. import metrics
 
-    module = getattr(model, "_module", model)
+    module = as_module(model)
     module.eval()
     device = next(module.parameters()).device
     n = views[0]["img"].shape[0]
