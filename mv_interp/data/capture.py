@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ..images import _resize_long_side, crop_box, to_image, to_tensor
-from ..loading import atomic_write
+from ..io import atomic_write
 from .geometry import complete_view, crop_intrinsics, resize_intrinsics
 
 INDEX = "index.json"

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..loading import atomic_write
+from ..io import atomic_write
 from .geometry import complete_view
 from .synthetic import SceneConfig, render_views
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..loading import atomic_write
+from ..io import atomic_write
 from .capture import CaptureError, MissingFileError, check_camera, check_depth, read_exr, update_index, write_view
 
 _PARAMS = re.compile(r"^(?P<key>.+)_(?P<view>\d+)_camera_params\.json$")

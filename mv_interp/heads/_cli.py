@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from .._cli import add_model_args, load_from_args
+from ..io import atomic_write
 
 
 def _threshold_args(p: argparse.ArgumentParser) -> None:
@@ -72,7 +73,6 @@ def _classify(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from ..loading import atomic_write
     from . import figures
     from .scoring import HeadScorer, ScoreConfig
 

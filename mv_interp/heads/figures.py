@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..adapters.base import pattern_blocks
-from ..loading import atomic_write
+from ..io import atomic_write
 from ..metrics import patch_centres
 from ..types import ModelLike, as_module
 from .result import HeadRef, HeadScores, group_title, px_label, rows_by_group

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from torch import Tensor
 
 from ..adapters.base import AttentionSite, ConfigMixin
 from ..hooks import natural_key
-from ..loading import atomic_write
+from ..io import atomic_write, dumps_json, jsonable
 from .scoring import ScoreConfig, UnitInfo
 
 __all__ = ["HeadThresholds", "HeadRef", "BestHead", "RegisterHead", "HeadScores", "LABELS", "px_label"]
@@ -414,7 +413,7 @@ class HeadScores:
     # -- files ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: metadata, thresholds, rows, best heads per layer, register heads (NaN → null)."""
-        return _json_clean({
+        return jsonable({
             "model": self.model_name, "family": self.family, "n_pairs": self.n_pairs,
             "n_pairs_with_geometry": self.n_pairs_with_geometry, "thresholds_px": list(self.thresholds_px),
             "primary_px": self.primary_px, "config": self.config.to_dict(), "thresholds": self.thresholds.to_dict(),
@@ -463,7 +462,7 @@ class HeadScores:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = {"csv": self.write_csv(out / "scores.csv")}
-        text = json.dumps(self.to_dict(), indent=1)
+        text = dumps_json(self.to_dict())
         paths["json"] = atomic_write(out / "scores.json", lambda tmp: Path(tmp).write_text(text))
         state = self.state()
         paths["state"] = atomic_write(out / "state.pt", lambda tmp: torch.save(state, tmp))
@@ -486,16 +485,6 @@ class HeadScores:
     def __repr__(self) -> str:
         return (f"HeadScores({self.model_name}, {len(self.units)} blocks, {self.n_pairs} pairs, "
                 f"thresholds_px={[f'{t:g}' for t in self.thresholds_px]})")
-
-
-def _json_clean(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Mapping):
-        return {str(k): _json_clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_clean(v) for v in obj]
-    return obj
 
 
 def rows_by_group(rows: Iterable[Mapping[str, Any]]) -> dict[tuple, list[Mapping[str, Any]]]:

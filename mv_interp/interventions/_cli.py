@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .._cli import add_model_args, load_from_args
+from ..io import atomic_write
 
 
 def _user_errors(fn):
@@ -75,7 +76,6 @@ def _intervene(args: argparse.Namespace) -> int:
     import torch
     from safetensors.torch import save_file
 
-    from ..loading import atomic_write
     from .means import MeanActivations
     from .specs import load_spec
 

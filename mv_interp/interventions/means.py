@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..io import atomic_write
 from ..types import ModelLike, as_module
 from .sites import hook_info, n_views_for
 
@@ -63,8 +64,6 @@ class MeanActivations(Mapping):
     def save(self, path: str | Path) -> Path:
         """Write a safetensors file (metadata in its header), atomically."""
         from safetensors.torch import save_file
-
-        from ..loading import atomic_write
 
         tensors = {k: v.detach().cpu().contiguous() for k, v in self._means.items()}
         meta = {"format": FORMAT, "n_examples": str(self.n_examples), "per_position": str(self.per_position),

@@ -28,6 +28,7 @@ import nnsight
 import torch
 from torch import Tensor
 
+from ..io import atomic_write
 from ..types import ModelLike, as_module, is_traced
 from .metrics import Metric, distance_to, metric_name, reduce_metric
 from .specs import ActivationPatch, Intervention, read_source_nnsight
@@ -155,8 +156,6 @@ class PatchingSweep:
         """Write ``{name}.json`` (labels + values), ``{name}.safetensors`` and ``{name}.png``, atomically."""
         from safetensors.torch import save_file
 
-        from ..loading import atomic_write
-
         directory = Path(directory)
         text = json.dumps(self.to_dict(), indent=2) + "\n"
         tensors = {"values": self.values.contiguous(), "raw": self.raw.contiguous()}
@@ -169,8 +168,6 @@ class PatchingSweep:
     def heatmap(self, path: str | Path, title: str | None = None) -> Path:
         """Save the sweep as a PNG heatmap (one panel per site when there is a third axis)."""
         from matplotlib.figure import Figure
-
-        from ..loading import atomic_write
 
         label = self.metric + (" (normalised)" if self.normalized else "")
         vals = self.values.float().numpy()

@@ -36,6 +36,7 @@ from typing import Any, ClassVar, Union
 import torch
 from torch import Tensor
 
+from ..io import atomic_write
 from .sites import (
     HookInfo,
     attention_block,
@@ -154,8 +155,6 @@ class Intervention:
 
     def save(self, path: str | Path) -> Path:
         """Write the spec as JSON (atomically)."""
-        from ..loading import atomic_write
-
         text = self.to_json() + "\n"
         return atomic_write(path, lambda p: Path(p).write_text(text))
 

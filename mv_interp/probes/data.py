@@ -14,6 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
+from ..io import atomic_write
 
 #: First scene seed of the default held-out evaluation pairs; far from any training range
 #: (training pair i uses scene data_seed + i).
@@ -131,8 +132,6 @@ class TensorSource(DatasetSource):
 def save_pairs(path: str | os.PathLike, views: Batch) -> Path:
     """Write a batch of views as ``.safetensors`` (keys ``view{v}/{key}``), atomically."""
     from safetensors.torch import save_file
-
-    from ..loading import atomic_write
 
     check_batch(views)
     tensors = {f"view{v}/{k}": t.detach().cpu().contiguous() for v, view in enumerate(views, start=1)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -31,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .. import metrics as M
-from ..loading import atomic_write
+from ..io import atomic_write, dumps_json, nan_if_none, read_json
 from ..types import ModelLike, as_module
 from .data import EVAL_SEED, Batch, SyntheticSource, batch_size_of, check_batch, slice_batch
 from .lens import lens_sites, pointmap_lens
@@ -107,7 +106,7 @@ class ProbeTable:
         d = Path(directory)
         files = {}
         files["csv"] = atomic_write(d / "metrics.csv", lambda p: Path(p).write_text(self.to_csv()))
-        text = json.dumps(self.to_dict(), indent=1, allow_nan=True)
+        text = dumps_json(self.to_dict())
         files["json"] = atomic_write(d / "metrics.json", lambda p: Path(p).write_text(text))
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
@@ -135,12 +134,14 @@ class ProbeTable:
             path = path / "metrics.json"
         if not path.is_file():
             raise FileNotFoundError(f"no metrics table at {path} (written by `mv-interp probes eval`)")
-        d = json.loads(path.read_text())
+        d = read_json(path)
         contributions = {}
         for method, c in d.get("contributions", {}).items():
-            skips = tuple(M.SkipChange(**s) for s in c["skips"])
-            contributions[method] = M.SublayerContributions(c["input_error"], c["final_error"], skips, c["by_kind"],
-                                                            c["average"])
+            skips = tuple(M.SkipChange(**{k: _number(v) for k, v in s.items()}) for s in c["skips"])
+            by_kind = {k: {m: nan_if_none(x) for m, x in v.items()} for k, v in c["by_kind"].items()}
+            contributions[method] = M.SublayerContributions(nan_if_none(c["input_error"]), nan_if_none(c["final_error"]),
+                                                            skips, by_kind, c["average"])
+        d["rows"] = [{k: _number(v) for k, v in r.items()} for r in d["rows"]]
         per_pair: dict[str, dict[str, dict[str, np.ndarray]]] = {}
         npz = path.with_name("metrics_per_pair.npz")
         if npz.is_file():
@@ -149,6 +150,11 @@ class ProbeTable:
                     m, loc, k = key.split("/")
                     per_pair.setdefault(m, {}).setdefault(loc, {})[k] = z[key]
         return cls(d["rows"], contributions, per_pair, d.get("meta", {}))
+
+
+def _number(value: Any) -> Any:
+    """A table cell read back from JSON: ``null`` (how NaN is written) becomes NaN again."""
+    return nan_if_none(value) if value is None else value
 
 
 # --------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..loading import atomic_write
+from ..io import atomic_write
 from ..types import ModelLike, as_module
 from .config import TrainConfig
 from .data import PairSource, SyntheticSource, check_batch

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..images import to_image
-from ..loading import atomic_write
+from ..io import atomic_write
 from ..metrics import SKIP_KINDS, normalize_pointmaps
 from ..types import ModelLike, as_module
 from ..viz import Frame, viewer_assets, viewer_data, viewer_fragment

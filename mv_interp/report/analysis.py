@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..loading import atomic_write
+from ..io import atomic_write, write_csv, write_json, write_text
 from ..probes.data import batch_size_of as n_pairs
 from ..probes.data import slice_batch
 from ..probes.views import page_inputs
@@ -47,39 +47,6 @@ PROBE_KIND = "mlp"  # the probe kind every view of the report shows
 # --------------------------------------------------------------------------------------
 # Small helpers
 # --------------------------------------------------------------------------------------
-
-
-def write_text(path: Path, text: str) -> Path:
-    return atomic_write(path, lambda p: Path(p).write_text(text))
-
-
-def write_json(path: Path, obj: Any) -> Path:
-    return write_text(path, json.dumps(_clean(obj), indent=1) + "\n")
-
-
-def write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> Path:
-    cols = list(columns or (rows[0].keys() if rows else []))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    return write_text(path, buf.getvalue())
-
-
-def _clean(obj: Any) -> Any:
-    """JSON-safe: NaN/inf → None, tuples → lists, numpy/torch scalars → Python numbers."""
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, Tensor) and obj.numel() == 1:
-        return _clean(obj.item())
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
 
 
 def cat_batches(batches: Sequence[Batch]) -> Batch:

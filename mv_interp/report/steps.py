@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..loading import atomic_write
+from ..io import atomic_write
 
 MANIFEST = "manifest.json"
 FORMAT = "mv_interp.report/1"

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ..adapters.base import ConfigMixin, get_adapter
-from ..loading import atomic_write
+from ..io import atomic_write
 from ..types import ModelLike, as_module
 
 #: scene seeds of the validation set start here; training seeds stay far below it

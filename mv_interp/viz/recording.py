@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..loading import atomic_write
+from ..io import atomic_write
 from .viewer import Frame, _np
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..loading import atomic_write
+from ..io import atomic_write
 
 VIEWER_JS = Path(__file__).with_name("viewer.js")
 VIEWER_CSS = """
