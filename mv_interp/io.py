@@ -114,9 +114,14 @@ def from_jsonable(obj: Any) -> Any:
     return obj
 
 
+# The NaN object ``json`` itself decodes ``NaN`` to: containers compare NaN by identity, so rows
+# read back from a new file equal rows decoded from an old one (or from ``json.loads``).
+_NAN = json.loads("NaN")
+
+
 def nan_if_none(value: Any) -> float:
     """``float(value)``, or NaN for ``None`` (how :func:`jsonable` writes NaN)."""
-    return math.nan if value is None else float(value)
+    return _NAN if value is None else float(value)
 
 
 def dumps_json(obj: Any, indent: int | None = 1, **kwargs: Any) -> str:

@@ -19,10 +19,11 @@ from .habitat import convert_habitat
 from .raycast import render
 from .scene import Scene
 from .synthetic import SceneConfig, render_views, sample_cameras, sample_scenes
+from .views import Views, as_views
 
 __all__ = [
     "VIEW_KEYS", "CaptureDataset", "CaptureError", "MissingFileError", "Scene", "SceneConfig", "SyntheticPairs",
     "check_capture", "collate_views", "complete_view", "convert_habitat", "load_tuple", "patch_correspondences",
     "pixel_correspondences", "read_index", "read_view", "render", "render_views", "sample_cameras", "sample_scenes",
-    "split_views", "write_capture",
+    "split_views", "write_capture", "Views", "as_views",
 ]

@@ -14,6 +14,7 @@ from torch import Tensor
 from ..io import atomic_write
 from .geometry import complete_view
 from .synthetic import SceneConfig, render_views
+from .views import Views
 
 #: bump when the renderer's output changes, so stale caches are not reused
 RENDER_VERSION = 1
@@ -21,38 +22,17 @@ STORED = ("img", "depth", "valid", "intrinsics", "cam2world")
 
 
 def collate_views(samples: Sequence[Sequence[dict[str, Tensor]]]) -> list[dict[str, Tensor]]:
-    """Stack samples (lists of unbatched view dicts) into a batch (a list of batched view dicts).
+    """Stack samples (lists of unbatched view dicts) into a batch (:meth:`Views.collate`).
 
     >>> loader = DataLoader(SyntheticPairs(1000), batch_size=32, collate_fn=collate_views)
     >>> view1, view2 = next(iter(loader))          # view1["img"]: [32, 3, 224, 224]
     """
-    if not samples:
-        raise ValueError("collate_views needs at least one sample")
-    n = len(samples[0])
-    for i, s in enumerate(samples):
-        if len(s) != n:
-            raise ValueError(f"collate_views: sample 0 has {n} views but sample {i} has {len(s)}")
-        for v in range(n):
-            if s[v].keys() != samples[0][v].keys():
-                raise ValueError(f"collate_views: view {v} of sample {i} has keys {sorted(s[v])}, "
-                                 f"sample 0 has {sorted(samples[0][v])}")
-    out = []
-    for v in range(n):
-        view = {}
-        for k in samples[0][v]:
-            shapes = {tuple(s[v][k].shape) for s in samples}
-            if len(shapes) > 1:
-                raise ValueError(f"collate_views: '{k}' of view {v} has different shapes across samples {sorted(shapes)}; "
-                                 "batch samples of one image size (or use batch_size=1)")
-            view[k] = torch.stack([s[v][k] for s in samples])
-        out.append(view)
-    return out
+    return Views.collate(samples)
 
 
 def split_views(views: Sequence[dict[str, Tensor]]) -> list[list[dict[str, Tensor]]]:
-    """The inverse of :func:`collate_views`: a batch → a list of samples."""
-    B = views[0]["depth"].shape[0]
-    return [[{k: t[b] for k, t in v.items()} for v in views] for b in range(B)]
+    """The inverse of :func:`collate_views`: a batch → a list of samples (:meth:`Views.samples`)."""
+    return Views(views).samples()
 
 
 def _config_key(config: SceneConfig, seed: int) -> str:

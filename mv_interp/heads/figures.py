@@ -17,11 +17,12 @@ import torch
 from torch import Tensor
 
 from ..adapters.base import pattern_blocks
+from ..data.views import as_views
 from ..io import atomic_write
 from ..metrics import patch_centres
 from ..types import ModelLike, as_module
 from .result import HeadRef, HeadScores, group_title, px_label, rows_by_group
-from .scoring import GEOMETRY_KEYS, _as_views
+from .scoring import GEOMETRY_KEYS
 from .targets import Correspondence, correspondence_targets
 
 __all__ = [
@@ -241,7 +242,7 @@ def _blend(img: Tensor, attn: Tensor, patch: int, cmap) -> Tensor:
 
 def _one_pair(model: ModelLike, views: Any, sample: int) -> tuple[Any, list[dict[str, Tensor]]]:
     module = as_module(model)
-    vs = _as_views(views, "views")
+    vs = as_views(views, "views")
     n = vs[0]["img"].shape[0]
     if not 0 <= sample < n:
         raise IndexError(f"sample={sample} but the batch holds {n} pairs")

@@ -42,6 +42,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..adapters.base import AttentionSite, ConfigMixin, ProbeSite, pattern_blocks, view_tokens
+from ..data.views import Views, as_views, is_views
 from ..types import ModelLike, as_module
 from .targets import Correspondence, centre_distance, correspondence_targets, grid_distance
 
@@ -297,39 +298,6 @@ def _input_residual(site: AttentionSite, key_view: int, probes: Sequence[ProbeSi
 # --------------------------------------------------------------------------------------
 
 
-def _split(batch: list[dict[str, Tensor]], size: int) -> Iterable[list[dict[str, Tensor]]]:
-    n = batch[0]["img"].shape[0]
-    for start in range(0, n, size):
-        yield [{k: v[start : start + size] for k, v in view.items()} for view in batch]
-
-
-def _as_views(item: Any, where: str) -> list[dict[str, Tensor]]:
-    if isinstance(item, Tensor):
-        raise ValueError(f"{where}: a bare tensor is not a batch; pass a list of views (dicts with 'img') "
-                         "or a tuple of images [batch, 3, H, W]")
-    if isinstance(item, Mapping):
-        raise ValueError(f"{where}: got one view dict; pass a list of views (view 1 first)")
-    views = list(item)
-    if len(views) < 2:
-        raise ValueError(f"{where}: need at least two views, got {len(views)}")
-    out = []
-    for i, v in enumerate(views, start=1):
-        if isinstance(v, Tensor):
-            v = {"img": v}
-        if not isinstance(v, Mapping) or "img" not in v:
-            raise ValueError(f"{where}: view {i} is a {type(v).__name__}; each view must be a dict with 'img' "
-                             "[batch, 3, H, W] (the mv_interp.data format) or an image tensor")
-        if v["img"].ndim == 3:
-            v = {k: t[None] if isinstance(t, Tensor) else t for k, t in v.items()}
-        out.append(dict(v))
-    return out
-
-
-def _is_batch(obj: Any) -> bool:
-    return isinstance(obj, (list, tuple)) and len(obj) > 0 and all(
-        isinstance(v, Mapping) or (isinstance(v, Tensor) and v.ndim == 4) for v in obj)
-
-
 def iter_batches(data: Any, batch_size: int = 8) -> Iterable[list[dict[str, Tensor]]]:
     """Batches (lists of batched view dicts) from any of the forms :func:`score_heads` takes.
 
@@ -343,22 +311,20 @@ def iter_batches(data: Any, batch_size: int = 8) -> Iterable[list[dict[str, Tens
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if isinstance(data, Mapping):
-        _as_views(data, "score_heads data")  # raises the "one view dict" message
-    if _is_batch(data):
-        yield from _split(_as_views(data, "score_heads data"), batch_size)
+        as_views(data, "score_heads data")  # raises the "one view dict" message
+    if is_views(data):
+        yield from as_views(data, "score_heads data").batches(batch_size)
         return
     if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__") and not isinstance(data, (list, tuple)):
         n = len(data)
         for start in range(0, n, batch_size):
-            samples = [_as_views(data[i], f"dataset item {i}") for i in range(start, min(n, start + batch_size))]
-            yield [{k: torch.cat([s[v][k] for s in samples]) for k, t in samples[0][v].items() if isinstance(t, Tensor)}
-                   for v in range(len(samples[0]))]
+            yield Views.concat([as_views(data[i], f"dataset item {i}") for i in range(start, min(n, start + batch_size))])
         return
     if not isinstance(data, Iterable):
         raise ValueError(f"score_heads: cannot read data of type {type(data).__name__}; pass a batch (list of view "
                          "dicts), a Dataset of samples or an iterable of batches")
     for i, item in enumerate(data):
-        yield _as_views(item, f"batch {i}")
+        yield as_views(item, f"batch {i}")
 
 
 # --------------------------------------------------------------------------------------
@@ -424,7 +390,7 @@ class HeadScorer:
     def update(self, batch: Any) -> None:
         """Run the model on one batch (a list of batched view dicts, or image tensors) and add
         its statistics."""
-        views = _as_views(batch, "HeadScorer.update")
+        views = as_views(batch, "HeadScorer.update")
         device = self.module.device
         imgs = [v["img"].to(device) for v in views]
         n_views = len(imgs)

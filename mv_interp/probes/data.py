@@ -14,6 +14,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
+
+from ..data.views import Views
 from ..io import atomic_write
 
 #: First scene seed of the default held-out evaluation pairs; far from any training range
@@ -156,10 +158,8 @@ def load_pairs_file(path: str | os.PathLike, seed: int = 0) -> TensorSource:
 
 
 def collate(samples: Sequence[Sequence[dict[str, Tensor]]]) -> Batch:
-    """Stack samples (lists of unbatched views) into a batch (:func:`mv_interp.data.collate_views`)."""
-    from ..data import collate_views
-
-    return collate_views(list(samples))
+    """Stack samples (lists of unbatched views) into a batch (:meth:`mv_interp.data.views.Views.collate`)."""
+    return Views.collate(samples)
 
 
 def open_pairs(path: str | os.PathLike, image_size: tuple[int, int], seed: int = 0) -> DatasetSource:
@@ -175,23 +175,15 @@ def open_pairs(path: str | os.PathLike, image_size: tuple[int, int], seed: int =
 
 
 def check_batch(views: Batch, need: Sequence[str] = REQUIRED_KEYS) -> None:
-    """One clear error for data that is not in the data format."""
-    if not isinstance(views, (list, tuple)) or not views or not all(isinstance(v, dict) for v in views):
-        raise ValueError("probe data must be a list of batched view dicts (mv_interp.data format: "
-                         "[{'img': [B,3,H,W], 'pts3d': [B,H,W,3], 'valid': [B,H,W], ...}, ...])")
-    for v, view in enumerate(views, start=1):
-        missing = [k for k in need if k not in view]
-        if missing:
-            raise ValueError(f"view {v} of the probe data lacks {missing}; each view needs {list(need)} "
-                             "(see mv_interp.data)")
-    B = views[0]["img"].shape[0]
-    if any(view["img"].shape[0] != B for view in views):
-        raise ValueError("every view of a batch must hold the same number of pairs")
+    """One clear error for data that is not in the data format (:meth:`Views.validate`)."""
+    Views(views if isinstance(views, (list, tuple)) else ()).validate(need, what="probe data")
 
 
 def slice_batch(views: Batch, start: int, stop: int) -> Batch:
-    return [{k: v[start:stop] for k, v in view.items()} for view in views]
+    """Pairs ``start:stop`` of every view (:meth:`Views.slice`)."""
+    return Views(views).slice(start, stop)
 
 
 def batch_size_of(views: Batch) -> int:
-    return int(views[0]["img"].shape[0])
+    """Number of pairs in a batch (:attr:`Views.batch_size`)."""
+    return Views(views).batch_size

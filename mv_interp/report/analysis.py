@@ -18,8 +18,6 @@ on any adapted two-view model. Steps write into the output folder:
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
@@ -33,9 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..data.views import Views
 from ..io import atomic_write, write_csv, write_json, write_text
-from ..probes.data import batch_size_of as n_pairs
-from ..probes.data import slice_batch
 from ..probes.views import page_inputs
 from ..types import ModelLike, as_module
 from .config import ReportConfig
@@ -47,10 +44,6 @@ PROBE_KIND = "mlp"  # the probe kind every view of the report shows
 # --------------------------------------------------------------------------------------
 # Small helpers
 # --------------------------------------------------------------------------------------
-
-
-def cat_batches(batches: Sequence[Batch]) -> Batch:
-    return [{k: torch.cat([b[v][k] for b in batches]) for k in batches[0][v]} for v in range(len(batches[0]))]
 
 
 def _tqdm(iterable, progress: bool, **kw):
@@ -81,7 +74,7 @@ class Pairs:
 
     def pair(self, label: str) -> Batch:
         i = self.examples[label]
-        return slice_batch(self.views, i, i + 1)
+        return Views(self.views).slice(i, i + 1)
 
 
 class _FirstTwoViews(torch.utils.data.Dataset):
@@ -102,8 +95,8 @@ def _pair_stats(views: Batch, batch_size: int) -> list[dict[str, Any]]:
     from ..metrics import rotation_angle
 
     stats = []
-    for s in range(0, n_pairs(views), batch_size):
-        v1, v2 = slice_batch(views, s, s + batch_size)
+    for s in range(0, Views(views).batch_size, batch_size):
+        v1, v2 = Views(views).slice(s, s + batch_size)
         has_geometry = all(k in v for v in (v1, v2) for k in ("depth", "valid", "intrinsics", "cam2world"))
         if not has_geometry:
             stats += [{"overlap": math.nan, "rotation_deg": math.nan} for _ in range(v1["img"].shape[0])]
@@ -155,7 +148,7 @@ def prepare_pairs(model: ModelLike, cfg: ReportConfig, data: str | os.PathLike |
         scene = SceneConfig(image_size=(H, W))
         chunks = [render_views(min(bs, cfg.pairs - s), scene, seed=EVAL_SEED + s, device=device)
                   for s in _tqdm(range(0, cfg.pairs, bs), progress, desc="held-out pairs", unit="batch")]
-        views = cat_batches(chunks)
+        views = Views.concat(chunks)
         describe = {"source": "synthetic", "eval_seed": EVAL_SEED, "pairs": cfg.pairs, "scene": scene.to_dict(),
                     "train_seed": cfg.seed, "train_pool": cfg.train_pool}
         train: Any = None
@@ -203,7 +196,7 @@ class _LazyPool:
             chunks = [render_views(min(self.bs, self.n - s), self.scene, seed=self.seed + s, device=device)
                       for s in _tqdm(range(0, self.n, self.bs), self.progress, desc="training pairs", unit="batch")]
             self._views = [{k: v for k, v in view.items() if k in ("img", "pts3d", "valid", "depth")}
-                           for view in cat_batches(chunks)]
+                           for view in Views.concat(chunks)]
         return self._views
 
 
@@ -260,8 +253,8 @@ def train_step(model: ModelLike, pairs: Pairs, tc: Any, directory: Path, key: st
 def _outputs(model: ModelLike, views: Batch, batch_size: int) -> list[list[dict[str, Tensor]]]:
     """The model's per-view outputs on ``views``, one list entry per batch of ``batch_size`` pairs."""
     module = as_module(model)
-    return [module.view_outputs(module(*[v["img"] for v in slice_batch(views, s, s + batch_size)]))
-            for s in range(0, n_pairs(views), batch_size)]
+    return [module.view_outputs(module(*[v["img"] for v in Views(views).slice(s, s + batch_size)]))
+            for s in range(0, Views(views).batch_size, batch_size)]
 
 
 def output_metrics(model: ModelLike, views: Batch, batch_size: int,
@@ -273,7 +266,7 @@ def output_metrics(model: ModelLike, views: Batch, batch_size: int,
     outputs = outputs if outputs is not None else _outputs(model, views, batch_size)
     acc: dict[str, list[Tensor]] = {}
     for i, out in enumerate(outputs):
-        b = slice_batch(views, i * batch_size, (i + 1) * batch_size)
+        b = Views(views).slice(i * batch_size, (i + 1) * batch_size)
         for k, v in pointmap_metrics(out, b).items():
             acc.setdefault(k, []).append(v.float().cpu())
     return {k: float(torch.cat(v).nanmean()) for k, v in acc.items()}
@@ -502,7 +495,7 @@ def patching_step(model: ModelLike, pairs: Pairs, cfg: ReportConfig, out: Path, 
     from ..interventions import distance_to, patching_sweep
 
     module = as_module(model)
-    n = n_pairs(pairs.views)
+    n = Views(pairs.views).batch_size
     idx = list(range(cfg.patch_pairs))
     other = [(i + 1) % n for i in idx]  # corrupted view 2: the next pair's view 2 (another scene)
     v = pairs.views
