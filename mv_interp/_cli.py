@@ -24,7 +24,7 @@ def load_from_args(args: argparse.Namespace):
 
 def _hooks(args: argparse.Namespace) -> int:
     model = load_from_args(args)
-    size = tuple(args.size) if args.size else tuple(getattr(model.config, "img_size", ()) or ()) or None
+    size = tuple(args.size) if args.size else tuple(model.config.img_size)
     table = model.hook_table(batch=1, size=size)
     width = max(len(n) for n, _ in table)
     shown = f"{size[0]}x{size[1]}" if size else "one patch"

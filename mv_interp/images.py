@@ -41,7 +41,7 @@ def _open(image) -> "Image.Image":  # noqa: F821
     return img.convert("RGB")
 
 
-def _resize_long_side(img, long_side: int):
+def resize_long_side(img, long_side: int):
     from PIL import Image
 
     W, H = img.size
@@ -69,9 +69,9 @@ def prepare_image(image, size: int = 224, square_ok: bool = False, patch: int = 
     img = _open(image)
     W, H = img.size
     if size == 224:
-        img = _resize_long_side(img, round(size * max(W / H, H / W)))
+        img = resize_long_side(img, round(size * max(W / H, H / W)))
     else:
-        img = _resize_long_side(img, size)
+        img = resize_long_side(img, size)
     return img.crop(crop_box(*img.size, size=size, square_ok=square_ok, patch=patch))
 
 

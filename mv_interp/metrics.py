@@ -83,7 +83,7 @@ def _acc_dtype(device: torch.device) -> torch.dtype:
 
 
 @contextlib.contextmanager
-def _fp32_region(device: torch.device):
+def fp32_region(device: torch.device):
     """Autocast off: the loss must see fp32 even inside a bf16 training step."""
     if device.type in ("cuda", "cpu", "xpu", "mps", "hpu"):
         with torch.autocast(device_type=device.type, enabled=False):
@@ -235,7 +235,7 @@ def confidence_loss(
     _check_views("confidence_loss", valid, pred_pts=pred_pts, pred_conf=pred_conf, gt_pts=gt_pts)
     _check_reduction("confidence_loss", reduction)
     device = pred_pts[0].device
-    with _fp32_region(device):
+    with fp32_region(device):
         dists = _regression_terms(pred_pts, gt_pts, valid)
         total = torch.zeros((), device=device)
         logs: dict[str, Tensor] = {}
@@ -264,7 +264,7 @@ def regression_loss(
     _check_views("regression_loss", valid, pred_pts=pred_pts, gt_pts=gt_pts)
     _check_reduction("regression_loss", reduction)
     device = pred_pts[0].device
-    with _fp32_region(device):
+    with fp32_region(device):
         dists = _regression_terms(pred_pts, gt_pts, valid)
         terms = [_reduce(d, m, reduction) for d, m in zip(dists, valid)]
         total = torch.stack(terms).sum()

@@ -365,7 +365,7 @@ def _envoy(model: ModelLike, name: str) -> Any:
 
 
 def _is_read_only(module: MultiViewModel, name: str) -> bool:
-    return any(fnmatch.fnmatchcase(name, pat) for pat in getattr(module, "read_only_hooks", ()))
+    return any(fnmatch.fnmatchcase(name, pat) for pat in module.read_only_hooks)
 
 
 def _shape(t: Any) -> str:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..images import _resize_long_side, crop_box, to_image, to_tensor
+from ..images import resize_long_side, crop_box, to_image, to_tensor
 from ..io import atomic_write
 from .geometry import complete_view, crop_intrinsics, resize_intrinsics
 
@@ -284,7 +284,7 @@ def prepare_view(raw: RawView, size: int = 224, square_ok: bool = False, patch: 
     W0, H0 = img.size
     long_side = round(size * max(W0 / H0, H0 / W0)) if size == 224 else size
     if max(W0, H0) != long_side:
-        img = _resize_long_side(img, long_side)
+        img = resize_long_side(img, long_side)
     W1, H1 = img.size
     box = crop_box(W1, H1, size=size, square_ok=square_ok, patch=patch)
     img = img.crop(box)

@@ -6,7 +6,8 @@
 >>> scores.classify(register_lift=0.7).heads("register")
 >>> scores.best_per_layer()                            # the paper's Figure 5
 >>> scores.register_heads()                            # heads + register tokens for a knockout
->>> scores.save("heads_out")                           # CSV, JSON, state, heatmaps, curve
+>>> scores.save("heads_out", figures=False)            # CSV, JSON, state
+>>> save_score_figures(scores, "heads_out")            # heatmaps, label map, curve
 
 See ``docs/heads.md`` for the score definitions and how to read the outputs.
 """

@@ -58,7 +58,7 @@ def _data_spec(args: argparse.Namespace, model) -> tuple[str, int, object]:
     n = 64 if args.pairs is None else args.pairs
     if n < 1:
         raise ValueError(f"--pairs must be >= 1, got {n}")
-    n_views = getattr(model.module, "fixed_n_views", None) or args.views
+    n_views = model.module.fixed_n_views or args.views
     config = SceneConfig(image_size=tuple(model.config.img_size), n_views=n_views)
 
     def batch(i: int):

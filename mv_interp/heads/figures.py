@@ -18,9 +18,9 @@ from torch import Tensor
 
 from ..adapters.base import pattern_blocks
 from ..data.views import as_views
-from ..io import atomic_write
 from ..metrics import patch_centres
 from ..types import ModelLike, as_module
+from ..viz.plotting import pyplot, save_figure
 from .result import HeadRef, HeadScores, group_title, px_label, rows_by_group
 from .scoring import GEOMETRY_KEYS
 from .targets import Correspondence, correspondence_targets
@@ -43,21 +43,8 @@ DEFAULT_HEATMAP_SCORES = ("corr_recall@{primary}", "corr_abs", "register_lift", 
 LABEL_COLOURS = {"correspondence": "#2ca02c", "register": "#d62728", "local": "#1f77b4", "other": "#d9d9d9"}
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _save(fig, path: str | Path, dpi: int = 110) -> Path:
-    plt = _plt()
-    try:
-        return atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
-    finally:
-        plt.close(fig)
+    return save_figure(fig, path, dpi=dpi)
 
 
 def _grid_of(rows: Sequence[Mapping[str, Any]], column: str) -> tuple[list[int], int, list[list[float]]]:
@@ -80,7 +67,7 @@ def plot_heatmaps(scores: HeadScores, out_dir: str | Path, columns: Sequence[str
     """One PNG per score: a [layer × head] heatmap per block group (stack, kind, query → key
     view). Groups where the score does not apply are left out; cells print their value when the
     grid is small enough to read."""
-    plt = _plt()
+    plt = pyplot()
     rows = scores.table()
     groups = rows_by_group(rows)
     paths = []
@@ -131,7 +118,7 @@ def plot_heatmaps(scores: HeadScores, out_dir: str | Path, columns: Sequence[str
 def plot_label_map(scores: HeadScores, path: str | Path) -> Path:
     """Every head's labels as a coloured [layer × head] grid per block group
     (C = correspondence, R = register, L = local, · = other)."""
-    plt = _plt()
+    plt = pyplot()
     from matplotlib.patches import Patch
 
     rows = scores.table()
@@ -170,7 +157,7 @@ def plot_correspondence_curve(scores: HeadScores, path: str | Path, threshold_px
     """The paper's Figure 5: recall of the best correspondence head per layer (chosen at
     ``threshold_px``), one line per pixel threshold, with uniform attention (dotted) and the
     same-grid-position baseline (dashed). One panel per cross-view block group."""
-    plt = _plt()
+    plt = pyplot()
     best = scores.best_per_layer(threshold_px)
     if not best:
         raise ValueError("plot_correspondence_curve: no correspondence scores (the model has no cross-view attention "
@@ -217,6 +204,10 @@ def save_score_figures(scores: HeadScores, out_dir: str | Path) -> dict[str, Pat
     if scores.best_per_layer():
         paths["correspondence_curve"] = plot_correspondence_curve(scores, out / "correspondence_curve.png")
     return paths
+
+
+# the figures of HeadScores.save(figures=True): registered here so result.py needs no import of this layer
+HeadScores.figure_writer = save_score_figures
 
 
 # --------------------------------------------------------------------------------------
@@ -301,7 +292,7 @@ def plot_attention_overlays(model: ModelLike, views: Any, heads: Sequence[HeadRe
     and the argmax marked (×). ``heads`` must share one query view. ``queries`` are patch indices
     of the query view (default: 4 spread over the patches that have a match).
     """
-    plt = _plt()
+    plt = pyplot()
     if not heads:
         raise ValueError("plot_attention_overlays: give at least one HeadRef")
     qvs = {r.query_view for r in heads}
@@ -357,7 +348,7 @@ def plot_correspondence_lines(model: ModelLike, views: Any, scores: HeadScores, 
     view (right) side by side, a line from each query patch to the key patch its head attends to
     most, green when within ``threshold_px`` (default the scores' primary threshold) of the true
     match and red otherwise. One panel per layer of each cross-view block group."""
-    plt = _plt()
+    plt = pyplot()
     best = scores.best_per_layer(threshold_px)
     if not best:
         raise ValueError("plot_correspondence_lines: no correspondence scores to pick heads from")

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import fnmatch
 import io
 import math
-from collections.abc import Iterable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -23,9 +25,95 @@ from torch import Tensor
 from ..adapters.base import AttentionSite, ConfigMixin
 from ..hooks import natural_key
 from ..io import atomic_write, dumps_json, jsonable
-from .scoring import ScoreConfig, UnitInfo
 
-__all__ = ["HeadThresholds", "HeadRef", "BestHead", "RegisterHead", "HeadScores", "LABELS", "px_label"]
+__all__ = ["HeadThresholds", "HeadRef", "BestHead", "RegisterHead", "HeadScores", "LABELS", "px_label", "ScoreConfig",
+           "UnitInfo", "KINDS", "GEOMETRY_KEYS"]
+
+#: The score families :func:`score_heads` computes.
+KINDS = ("correspondence", "register", "local")
+#: Keys of a view dict that correspondence targets need.
+GEOMETRY_KEYS = ("depth", "valid", "intrinsics", "cam2world")
+
+
+@dataclass(frozen=True)
+class ScoreConfig(ConfigMixin):
+    """What to score and with which parameters."""
+
+    kinds: Sequence[str] = KINDS
+    """Score families to compute, a subset of ``("correspondence", "register", "local")``."""
+    thresholds_px: Sequence[float | int] | None = None
+    """Pixel thresholds on the distance between predicted and true patch centres for
+    correspondence recall; ``None``: ``(0, p, 2p)`` for patch size ``p`` (exact patch, its
+    4-neighbours, two patches away)."""
+    register_k: int = 5
+    """How many keys count as a sample's register set (the paper knocks out five tokens)."""
+    local_radius: int = 1
+    """Radius in patches (Chebyshev) of the local neighbourhood: 1 is the 3×3 window."""
+    sites: Sequence[str] | None = None
+    """Only attention sites whose name matches one of these globs (``"dec*.cross.*"``); ``None``: all."""
+
+    def __post_init__(self) -> None:
+        kinds = (self.kinds,) if isinstance(self.kinds, str) else tuple(self.kinds)
+        object.__setattr__(self, "kinds", kinds)
+        unknown = sorted(set(kinds) - set(KINDS))
+        if unknown or not kinds:
+            raise ValueError(f"ScoreConfig.kinds: unknown or empty {unknown or list(kinds)}; choose from {KINDS}")
+        if self.thresholds_px is not None:
+            thr = tuple(float(t) for t in self.thresholds_px)
+            if not thr or any(not math.isfinite(t) or t < 0 for t in thr):
+                raise ValueError(f"ScoreConfig.thresholds_px must be non-negative pixel distances, got {thr}")
+            object.__setattr__(self, "thresholds_px", tuple(sorted(set(thr))))
+        if self.register_k < 1:
+            raise ValueError(f"ScoreConfig.register_k must be >= 1, got {self.register_k}")
+        if self.local_radius < 0:
+            raise ValueError(f"ScoreConfig.local_radius must be >= 0 patches, got {self.local_radius}")
+        if self.sites is not None:
+            object.__setattr__(self, "sites", (self.sites,) if isinstance(self.sites, str) else tuple(self.sites))
+
+    def resolved_thresholds(self, patch_size: int) -> tuple[float, ...]:
+        return self.thresholds_px if self.thresholds_px is not None else (0.0, float(patch_size), 2.0 * patch_size)
+
+    def wants(self, site: AttentionSite) -> bool:
+        return self.sites is None or any(fnmatch.fnmatchcase(site.name, g) for g in self.sites)
+
+
+@dataclass(frozen=True)
+class UnitInfo:
+    """One view-to-view block of an attention site, scored for each of its heads.
+
+    Attributes:
+        site: the model's :class:`~mv_interp.adapters.base.AttentionSite`.
+        query_view / key_view: 1-based views of the block's queries and keys.
+        key_offset: index along the pattern's key axis of the block's first key (non-zero when
+            a pattern holds several key views: ``"global"`` layouts, multi-view key sites).
+        grid: ``(h, w)`` patch grid of both views.
+        patch_size: pixels per patch side.
+        resid_hook: hook of the residual stream entering this layer for the key view (register
+            norms), or ``None`` when the model declares no such probe site.
+        resid_site: that probe site's name.
+    """
+
+    site: AttentionSite
+    query_view: int
+    key_view: int
+    key_offset: int
+    grid: tuple[int, int]
+    patch_size: int
+    resid_hook: str | None = None
+    resid_site: str | None = None
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return (self.site.name, self.query_view, self.key_view)
+
+    @property
+    def same_view(self) -> bool:
+        return self.query_view == self.key_view
+
+    @property
+    def n_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
 
 #: Labels a head can get (several at once; ``"other"`` when none applies).
 LABELS = ("correspondence", "register", "local", "other")
@@ -172,7 +260,7 @@ class HeadScores:
     >>> scores.classify(HeadThresholds(register_lift=0.7)).heads("register")
     >>> scores.best_per_layer()                  # [BestHead]: Figure 5
     >>> scores.register_heads()                  # [RegisterHead]: heads + tokens for a knockout
-    >>> scores.save("out/")                      # scores.csv, scores.json, state.pt, PNG figures
+    >>> scores.save("out/", figures=False)       # scores.csv, scores.json, state.pt
     """
 
     units: list[UnitInfo]
@@ -456,9 +544,20 @@ class HeadScores:
                    int(state["n_pairs"]), int(state["n_pairs_with_geometry"]), state["model_name"], state["family"],
                    HeadThresholds.from_dict(state["thresholds"]))
 
-    def save(self, out_dir: str | Path, figures: bool = True) -> dict[str, Path]:
-        """Write ``scores.csv``, ``scores.json``, ``state.pt`` (reload with :meth:`load`) and, with
-        ``figures``, the heatmaps, label map and correspondence curve. Returns ``{name: path}``."""
+    #: What draws the figures of saved scores: :func:`mv_interp.heads.figures.save_score_figures`
+    #: registers itself here when ``mv_interp.heads`` is imported, so this data module never
+    #: imports the plotting layer above it.
+    figure_writer: ClassVar[Callable[[HeadScores, Path], dict[str, Path]] | None] = None
+
+    def save(self, out_dir: str | Path, figures: bool | None = None) -> dict[str, Path]:
+        """Write ``scores.csv``, ``scores.json`` and ``state.pt`` (reload with :meth:`load`).
+        Returns ``{name: path}``.
+
+        Figures are separate: ``mv_interp.heads.save_score_figures(scores, out_dir)`` draws the
+        heatmaps, label map and correspondence curve. ``figures=True`` still draws them here; the
+        default (``None``) does too, for code written before, with a ``DeprecationWarning``:
+        pass ``figures=False`` and call ``save_score_figures`` for the figures.
+        """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = {"csv": self.write_csv(out / "scores.csv")}
@@ -466,10 +565,17 @@ class HeadScores:
         paths["json"] = atomic_write(out / "scores.json", lambda tmp: Path(tmp).write_text(text))
         state = self.state()
         paths["state"] = atomic_write(out / "state.pt", lambda tmp: torch.save(state, tmp))
+        if figures is None:
+            warnings.warn("HeadScores.save() drawing figures by default is deprecated: call save(out_dir, "
+                          "figures=False) and mv_interp.heads.save_score_figures(scores, out_dir)",
+                          DeprecationWarning, stacklevel=2)
+            figures = True
         if figures:
-            from . import figures as fig
-
-            paths.update(fig.save_score_figures(self, out))
+            writer = type(self).figure_writer
+            if writer is None:
+                raise RuntimeError("no figure writer is registered; import mv_interp.heads (which registers "
+                                   "mv_interp.heads.figures.save_score_figures) or pass figures=False")
+            paths.update(writer(self, out))
         return paths
 
     @classmethod

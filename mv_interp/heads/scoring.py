@@ -28,12 +28,9 @@ Three families of scores (``docs/heads.md`` has the definitions):
 
 from __future__ import annotations
 
-import fnmatch
 import functools
-import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -41,9 +38,10 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-from ..adapters.base import AttentionSite, ConfigMixin, ProbeSite, pattern_blocks, view_tokens
+from ..adapters.base import AttentionSite, ProbeSite, pattern_blocks, view_tokens
 from ..data.views import Views, as_views, is_views
 from ..types import ModelLike, as_module
+from .result import GEOMETRY_KEYS, KINDS, HeadScores, ScoreConfig, UnitInfo
 from .targets import Correspondence, centre_distance, correspondence_targets, grid_distance
 
 __all__ = [
@@ -56,54 +54,6 @@ __all__ = [
     "score_heads",
     "iter_batches",
 ]
-
-#: The score families :func:`score_heads` computes.
-KINDS = ("correspondence", "register", "local")
-#: Keys of a view dict that correspondence targets need.
-GEOMETRY_KEYS = ("depth", "valid", "intrinsics", "cam2world")
-
-
-@dataclass(frozen=True)
-class ScoreConfig(ConfigMixin):
-    """What to score and with which parameters."""
-
-    kinds: Sequence[str] = KINDS
-    """Score families to compute, a subset of ``("correspondence", "register", "local")``."""
-    thresholds_px: Sequence[float | int] | None = None
-    """Pixel thresholds on the distance between predicted and true patch centres for
-    correspondence recall; ``None``: ``(0, p, 2p)`` for patch size ``p`` (exact patch, its
-    4-neighbours, two patches away)."""
-    register_k: int = 5
-    """How many keys count as a sample's register set (the paper knocks out five tokens)."""
-    local_radius: int = 1
-    """Radius in patches (Chebyshev) of the local neighbourhood: 1 is the 3×3 window."""
-    sites: Sequence[str] | None = None
-    """Only attention sites whose name matches one of these globs (``"dec*.cross.*"``); ``None``: all."""
-
-    def __post_init__(self) -> None:
-        kinds = (self.kinds,) if isinstance(self.kinds, str) else tuple(self.kinds)
-        object.__setattr__(self, "kinds", kinds)
-        unknown = sorted(set(kinds) - set(KINDS))
-        if unknown or not kinds:
-            raise ValueError(f"ScoreConfig.kinds: unknown or empty {unknown or list(kinds)}; choose from {KINDS}")
-        if self.thresholds_px is not None:
-            thr = tuple(float(t) for t in self.thresholds_px)
-            if not thr or any(not math.isfinite(t) or t < 0 for t in thr):
-                raise ValueError(f"ScoreConfig.thresholds_px must be non-negative pixel distances, got {thr}")
-            object.__setattr__(self, "thresholds_px", tuple(sorted(set(thr))))
-        if self.register_k < 1:
-            raise ValueError(f"ScoreConfig.register_k must be >= 1, got {self.register_k}")
-        if self.local_radius < 0:
-            raise ValueError(f"ScoreConfig.local_radius must be >= 0 patches, got {self.local_radius}")
-        if self.sites is not None:
-            object.__setattr__(self, "sites", (self.sites,) if isinstance(self.sites, str) else tuple(self.sites))
-
-    def resolved_thresholds(self, patch_size: int) -> tuple[float, ...]:
-        return self.thresholds_px if self.thresholds_px is not None else (0.0, float(patch_size), 2.0 * patch_size)
-
-    def wants(self, site: AttentionSite) -> bool:
-        return self.sites is None or any(fnmatch.fnmatchcase(site.name, g) for g in self.sites)
-
 
 # --------------------------------------------------------------------------------------
 # The pure core: statistics of one pattern block
@@ -234,44 +184,6 @@ def block_statistics(
 # --------------------------------------------------------------------------------------
 # Units: one (attention site, query view, key view) block
 # --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class UnitInfo:
-    """One view-to-view block of an attention site, scored for each of its heads.
-
-    Attributes:
-        site: the model's :class:`~mv_interp.adapters.base.AttentionSite`.
-        query_view / key_view: 1-based views of the block's queries and keys.
-        key_offset: index along the pattern's key axis of the block's first key (non-zero when
-            a pattern holds several key views: ``"global"`` layouts, multi-view key sites).
-        grid: ``(h, w)`` patch grid of both views.
-        patch_size: pixels per patch side.
-        resid_hook: hook of the residual stream entering this layer for the key view (register
-            norms), or ``None`` when the model declares no such probe site.
-        resid_site: that probe site's name.
-    """
-
-    site: AttentionSite
-    query_view: int
-    key_view: int
-    key_offset: int
-    grid: tuple[int, int]
-    patch_size: int
-    resid_hook: str | None = None
-    resid_site: str | None = None
-
-    @property
-    def key(self) -> tuple[str, int, int]:
-        return (self.site.name, self.query_view, self.key_view)
-
-    @property
-    def same_view(self) -> bool:
-        return self.query_view == self.key_view
-
-    @property
-    def n_tokens(self) -> int:
-        return self.grid[0] * self.grid[1]
 
 
 def _key_offsets(site: AttentionSite, n_views: int, per: int) -> dict[tuple[int, int], int]:
@@ -492,9 +404,7 @@ class HeadScorer:
             acc["register_norm_samples"] = acc.get("register_norm_samples", 0) + count
 
     # -- results and resuming -------------------------------------------------------------
-    def result(self, model_name: str | None = None):
-        from .result import HeadScores
-
+    def result(self, model_name: str | None = None) -> HeadScores:
         if not self.n_batches:
             raise ValueError("HeadScorer.result: no batch was scored; call update(batch) first (is the data empty?)")
         return HeadScores(
@@ -505,7 +415,7 @@ class HeadScorer:
             n_pairs=self.n_pairs,
             n_pairs_with_geometry=self.n_pairs_with_geometry,
             model_name=model_name or type(self.module).__name__,
-            family=getattr(self.module, "family", ""),
+            family=self.module.family,
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -566,7 +476,7 @@ def score_heads(
     >>> scores.table()[0]["corr_recall@16px"]
     >>> scores.best_per_layer()             # the paper's Figure 5 curve
     >>> scores.register_heads()             # heads + tokens for a knockout
-    >>> scores.save("heads_out")            # CSV, JSON, heatmaps, curve
+    >>> scores.save("heads_out", figures=False)   # CSV, JSON, state (figures: save_score_figures)
     """
     if config is None:
         config = ScoreConfig(kinds=tuple(kinds), thresholds_px=None if thresholds_px is None else tuple(thresholds_px),

@@ -18,7 +18,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from ..metrics import _fp32_region, confidence_loss
+from ..metrics import fp32_region, confidence_loss
 from .config import ProbeSpec
 from .sites import Location
 
@@ -40,7 +40,7 @@ def depth_confidence_loss(
     """
     if not (len(pred_depth) == len(conf) == len(gt_depth) == len(valid)):
         raise ValueError("depth_confidence_loss: pass one tensor per view for every argument")
-    with _fp32_region(pred_depth[0].device):
+    with fp32_region(pred_depth[0].device):
         total = torch.zeros((), device=pred_depth[0].device)
         for d_hat, c, d, m in zip(pred_depth, conf, gt_depth, valid):
             m = m & (d > 0)

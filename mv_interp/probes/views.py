@@ -25,6 +25,7 @@ from ..io import atomic_write
 from ..metrics import SKIP_KINDS, normalize_pointmaps
 from ..types import ModelLike, as_module
 from ..viz import Frame, viewer_assets, viewer_data, viewer_fragment
+from ..viz.plotting import pyplot, save_figure
 from .data import Batch, slice_batch
 from .evaluate import CONTROL_PREFIX, LENS, ProbeTable
 from .lens import lens_sites, pointmap_lens
@@ -36,15 +37,6 @@ CURVE_PANELS = (("e1_v1", "E.1 error, view 1"), ("e1_v2", "E.1 error, view 2"),
 KIND_COLORS = {"self": "#4c72b0", "cross": "#dd8452", "mlp": "#55a868"}
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _style(method: str) -> dict[str, Any]:
     if method == LENS:
         return {"linestyle": "--", "marker": "x", "color": "0.35"}
@@ -54,11 +46,7 @@ def _style(method: str) -> dict[str, Any]:
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
-    plt = _pyplot()
-    try:
-        return atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110, bbox_inches="tight"))
-    finally:
-        plt.close(fig)
+    return save_figure(fig, path, dpi=110, tight=True)
 
 
 def plot_curves(table: ProbeTable, path: str | os.PathLike, methods: Sequence[str] | None = None,
@@ -67,7 +55,7 @@ def plot_curves(table: ProbeTable, path: str | os.PathLike, methods: Sequence[st
 
     ``locations`` restricts (and orders) the x axis, e.g. only the sublayer outputs of a
     ``sublayers=True`` run for the granularity ablation."""
-    plt = _pyplot()
+    plt = pyplot()
     all_locs = table.locations
     locs = list(locations) if locations is not None else all_locs
     unknown = [loc for loc in locs if loc not in all_locs]
@@ -100,7 +88,7 @@ def plot_curves(table: ProbeTable, path: str | os.PathLike, methods: Sequence[st
 def plot_contributions(table: ProbeTable, path: str | os.PathLike, methods: Sequence[str] | None = None) -> Path:
     """Figure 4 (PNG): per-block relative change of the aligned view-2 error across each skip
     connection, and the per-kind totals relative to the decoder-input error; one row per method."""
-    plt = _pyplot()
+    plt = pyplot()
     methods = [m for m in (methods or list(table.contributions)) if m in table.contributions]
     if not methods:
         raise ValueError("the table has no sublayer contributions (it needs the decoder-input site and the "

@@ -35,6 +35,7 @@ from ..data.views import Views
 from ..io import atomic_write, write_csv, write_json, write_text
 from ..probes.views import page_inputs
 from ..types import ModelLike, as_module
+from ..viz.plotting import pyplot, save_figure
 from .config import ReportConfig
 
 Batch = list[dict[str, Tensor]]
@@ -306,7 +307,7 @@ def heads_step(model: ModelLike, pairs: Pairs, cfg: ReportConfig, out: Path, pro
     d = out / "heads"
     scores = score_heads(model, pairs.views, batch_size=cfg.batch_size, progress=progress)
     scores.model_name = name or scores.model_name
-    paths = scores.save(d)
+    paths = scores.save(d, figures=True)
     paths.update(save_example_figures(model, pairs.pair("easy"), scores, d, n_queries=cfg.overlay_queries))
     labels = scores.labels()
     counts = {lab: sum(lab in v for v in labels.values()) for lab in LABELS}
@@ -464,9 +465,8 @@ def _location_layer(table: Any, location: str) -> int:
 
 
 def _plot_knockout(rows: list[dict], locations: list[str], unit: Any, heads: list[int], path: Path) -> Path:
-    from ..probes.views import _pyplot, _save
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(max(9, 0.6 * len(locations) + 3), 3.8), layout="constrained")
     x = np.arange(len(locations))
     styles = {"clean": dict(color="#333333", marker="o", lw=2, label="clean"),
@@ -483,7 +483,7 @@ def _plot_knockout(rows: list[dict], locations: list[str], unit: Any, heads: lis
     axes[0].set_ylabel("probe error (GT-normalised units)")
     axes[1].legend(fontsize=8)
     fig.suptitle(f"knockout of {unit.site.name} heads {heads}: probed errors at every site", fontsize=11)
-    return _save(fig, path)
+    return save_figure(fig, path, tight=True)
 
 
 # --------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..io import atomic_write
-from .viewer import Frame, _np
+from .viewer import Frame, to_numpy
 
 
 def write_rerun_recording(path: str | os.PathLike, frames: Sequence[Frame], images: Sequence[np.ndarray],
@@ -26,11 +26,11 @@ def write_rerun_recording(path: str | os.PathLike, frames: Sequence[Frame], imag
 
     n_views = len(images)
     names = list(view_names or [f"view{v + 1}" for v in range(n_views)])
-    masks = [(_np(valid[v]).astype(bool).reshape(-1) if valid is not None else None) for v in range(n_views)]
-    colors = [_np(images[v]).reshape(-1, 3) for v in range(n_views)]
+    masks = [(to_numpy(valid[v]).astype(bool).reshape(-1) if valid is not None else None) for v in range(n_views)]
+    colors = [to_numpy(images[v]).reshape(-1, 3) for v in range(n_views)]
 
     def pick(v: int, pts) -> tuple[np.ndarray, np.ndarray]:
-        p = _np(pts).reshape(-1, 3).astype(np.float32)
+        p = to_numpy(pts).reshape(-1, 3).astype(np.float32)
         keep = np.isfinite(p).all(-1)
         if masks[v] is not None:
             keep &= masks[v]
@@ -39,7 +39,7 @@ def write_rerun_recording(path: str | os.PathLike, frames: Sequence[Frame], imag
     rec = rr.RecordingStream(app_id)
     rec.log("world", rr.ViewCoordinates.RDF, static=True)  # OpenCV camera frame: x right, y down, z forward
     for v, name in enumerate(names):
-        rec.log(f"images/{name}", rr.Image(_np(images[v])), static=True)
+        rec.log(f"images/{name}", rr.Image(to_numpy(images[v])), static=True)
         if gt is not None:
             p, _ = pick(v, gt[v])
             rec.log(f"world/{name}/gt", rr.Points3D(p, colors=np.full((len(p), 3), 150, np.uint8), radii=0.003), static=True)

@@ -45,7 +45,8 @@ class Frame:
     views: Sequence[np.ndarray]
 
 
-def _np(a) -> np.ndarray:
+def to_numpy(a) -> np.ndarray:
+    """A tensor (any device/dtype, detached, as float) or array-like as a numpy array."""
     if hasattr(a, "detach"):
         a = a.detach().float().cpu().numpy()
     return np.asarray(a)
@@ -88,11 +89,11 @@ def viewer_data(frames: Sequence[Frame], images: Sequence[np.ndarray], valid: Se
     view_names = list(view_names or [f"view {v + 1}" for v in range(n_views)])
     sel, colors = [], []
     for v in range(n_views):
-        img = _np(images[v])
+        img = to_numpy(images[v])
         if img.dtype != np.uint8:
             raise ValueError("images must be uint8 [H, W, 3] (use mv_interp.images.to_image)")
         H, W = img.shape[:2]
-        mask = None if valid is None else _np(valid[v]).astype(bool)
+        mask = None if valid is None else to_numpy(valid[v]).astype(bool)
         idx = _select((H, W), mask, max_points, seed=v)
         sel.append(idx)
         colors.append(base64.b64encode(np.ascontiguousarray(img.reshape(-1, 3)[idx]).tobytes()).decode())
@@ -100,8 +101,8 @@ def viewer_data(frames: Sequence[Frame], images: Sequence[np.ndarray], valid: Se
     for f in frames:
         if len(f.views) != n_views:
             raise ValueError(f"frame {f.label!r} has {len(f.views)} views, expected {n_views}")
-        out_frames.append({"label": f.label, "views": [_quantise(_np(p).reshape(-1, 3)[sel[v]]) for v, p in enumerate(f.views)]})
-    gt_enc = [_quantise(_np(p).reshape(-1, 3)[sel[v]]) for v, p in enumerate(gt)] if gt is not None else None
+        out_frames.append({"label": f.label, "views": [_quantise(to_numpy(p).reshape(-1, 3)[sel[v]]) for v, p in enumerate(f.views)]})
+    gt_enc = [_quantise(to_numpy(p).reshape(-1, 3)[sel[v]]) for v, p in enumerate(gt)] if gt is not None else None
     return {"title": title, "frames": out_frames, "colors": colors, "view_names": view_names,
             "gt": gt_enc, "n": [len(s) for s in sel]}
 
