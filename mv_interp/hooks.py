@@ -160,9 +160,6 @@ class HookedRootModule(nn.Module):
         self._hook_order: list[str] | None = None
 
     # -- registry ---------------------------------------------------------------
-    def hook_points(self) -> list[HookPoint]:
-        return list(self.hook_dict.values())
-
     def _resolve(self, names: NamesFilter) -> list[str]:
         if isinstance(names, str) and names in self.hook_dict:
             return [names]

@@ -69,19 +69,31 @@ def apply_rope2d(
 
 
 class RoPE2D(nn.Module):
-    """RoPE2D with a cache of cos/sin tables per (grid, device)."""
+    """RoPE2D with a cache of cos/sin tables per (patch grid, head dim, device).
+
+    Only positions that are a whole patch grid (:func:`patch_positions` of some ``(h, w)``, the
+    case of every image forward) are cached, under that grid; any other position set (a subset
+    of queries, extra tokens) is computed afresh, so two position sets can never share tables.
+    """
 
     def __init__(self, base: float = 100.0):
         super().__init__()
         self.base = base
-        self._cache: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self._cache: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
 
     def tables(self, pos: Int[Tensor, "pos 2"], d_head: int) -> tuple[Tensor, Tensor]:
-        key = (pos.device, d_head, tuple(pos.shape), int(pos[:, 0].max()), int(pos[:, 1].max()), int(pos.sum()))
+        n = pos.shape[0]
+        w = int(pos[:, 1].max()) + 1 if n else 0
+        if not n or n % w:
+            return rope2d_cos_sin(pos, d_head, self.base)
+        key = (pos.device, d_head, n // w, w)
         hit = self._cache.get(key)
         if hit is None:
-            hit = self._cache[key] = rope2d_cos_sin(pos, d_head, self.base)
-        return hit
+            grid = patch_positions(n // w, w, device=pos.device)
+            hit = self._cache[key] = (grid, *rope2d_cos_sin(grid, d_head, self.base))
+        if not torch.equal(pos, hit[0]):  # same size, not the grid: not cacheable
+            return rope2d_cos_sin(pos, d_head, self.base)
+        return hit[1], hit[2]
 
     def forward(self, x: Tensor, pos: Int[Tensor, "pos 2"]) -> Tensor:
         cos, sin = self.tables(pos, x.shape[-1])
@@ -100,11 +112,9 @@ class AttentionCore(nn.Module):
     ``hook_rot_q``/``hook_rot_k`` after it, ``hook_attn_scores`` [batch, head, q_pos, k_pos]
     (pre-softmax, scaled), ``hook_pattern`` (post-softmax), ``hook_z`` [batch, q_pos, head, d_head].
 
-    The fused SDPA kernel is used unless a score/pattern hook is active (a torch hook,
-    an nnsight read, or ``force_eager``); the two paths agree to fp32 rounding.
+    The fused SDPA kernel is used unless a score/pattern hook is active (a torch hook or
+    an nnsight read); the two paths agree to fp32 rounding.
     """
-
-    force_eager: bool = False
 
     def __init__(self, n_heads: int, rope: RoPE2D | None, scale: float | None = None):
         super().__init__()
@@ -118,7 +128,7 @@ class AttentionCore(nn.Module):
         self.hook_z = HookPoint()
 
     def needs_pattern(self) -> bool:
-        return self.force_eager or self.hook_attn_scores.is_active or self.hook_pattern.is_active
+        return self.hook_attn_scores.is_active or self.hook_pattern.is_active
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, qpos: Tensor | None, kpos: Tensor | None) -> Tensor:
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)

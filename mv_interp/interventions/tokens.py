@@ -173,10 +173,6 @@ class Tokens:
         """True when the set depends on the input (resolved from the attention pattern)."""
         return self.kind in ("top_attended", "others")
 
-    @property
-    def is_empty(self) -> bool:
-        return (self.kind == "index" and not self.index) or (self.kind == "mask" and not any(self.mask))
-
     def describe(self) -> str:
         if self.kind == "index":
             return f"tokens {list(self.index)}"

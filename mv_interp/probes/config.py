@@ -165,8 +165,3 @@ class TrainConfig(ConfigMixin):
         d.pop("steps")
         d.pop("checkpoint_every")
         return d
-
-
-def spec_names(specs: Sequence[ProbeSpec], target: str | None = None) -> list[str]:
-    return [s.name for s in specs if target is None or s.target == target]
-

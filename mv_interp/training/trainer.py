@@ -11,7 +11,6 @@ pointer), so a long training is several resumed runs with the same result as one
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -399,7 +398,3 @@ def export_model(out_dir: str | os.PathLike, target: str | os.PathLike, card: st
     if card is not None:
         atomic_write(Path(target) / "README.md", lambda p: Path(p).write_text(card))
     return Path(target)
-
-
-def config_dict(cfg: TrainConfig) -> dict:
-    return dataclasses.asdict(cfg)
