@@ -31,11 +31,21 @@ class HookPoint(nn.Module):
 
     ``add_hook(fn)`` registers ``fn(tensor, hook) -> tensor | None``; a returned tensor
     replaces the activation. ``name`` is the module's path in the hooked root.
+
+    Where a hook is made, it may declare its activation's axes in the shared vocabulary
+    (``axes="batch head pos d_head"``; ``batch``, ``view``, ``pos``, ``q_pos``, ``k_pos``, ``head``,
+    ``d_model``, ``d_head``) and whether its token axis holds the attention's keys / memory rather
+    than its queries (``key_side=True``: cross-attention's ``hook_k`` and ``hook_v`` hold the other
+    view's tokens). Generic tools (interventions) read this instead of guessing from names.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, axes: str | None = None, key_side: bool = False) -> None:
         super().__init__()
         self.name: str | None = None
+        #: axis roles of the activation, or ``None`` when not declared
+        self.axes = axes
+        #: whether the token axis holds keys (the memory) rather than queries
+        self.key_side = key_side
         self._watchers: list[Callable[[HookPoint], bool]] = []
         self._permanent: set[int] = set()
 

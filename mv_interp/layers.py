@@ -105,6 +105,12 @@ class RoPE2D(nn.Module):
 # --------------------------------------------------------------------------------------
 
 
+#: Short names of the attention core's hooks, for ``act_name`` (``"pattern"`` → ``"hook_pattern"``).
+ATTENTION_HOOKS = {"q": "hook_q", "k": "hook_k", "v": "hook_v", "rot_q": "hook_rot_q", "rot_k": "hook_rot_k",
+                   "attn_scores": "hook_attn_scores", "scores": "hook_attn_scores", "pattern": "hook_pattern",
+                   "z": "hook_z"}
+
+
 class AttentionCore(nn.Module):
     """q/k/v (already split into heads) → per-head output z, with every hook on the path.
 
@@ -122,10 +128,12 @@ class AttentionCore(nn.Module):
         self.rope = rope
         #: logit scale; ``None`` is the usual ``d_head ** -0.5``
         self.scale = scale
-        self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
-        self.hook_rot_q, self.hook_rot_k = HookPoint(), HookPoint()
-        self.hook_attn_scores, self.hook_pattern = HookPoint(), HookPoint()
-        self.hook_z = HookPoint()
+        heads, keys = "batch head pos d_head", {"key_side": True}
+        self.hook_q, self.hook_k, self.hook_v = HookPoint(heads), HookPoint(heads, **keys), HookPoint(heads, **keys)
+        self.hook_rot_q, self.hook_rot_k = HookPoint(heads), HookPoint(heads, **keys)
+        self.hook_attn_scores = HookPoint("batch head q_pos k_pos")
+        self.hook_pattern = HookPoint("batch head q_pos k_pos")
+        self.hook_z = HookPoint("batch pos head d_head")
 
     def needs_pattern(self) -> bool:
         return self.hook_attn_scores.is_active or self.hook_pattern.is_active
@@ -194,6 +202,12 @@ class Mlp(nn.Module):
 # --------------------------------------------------------------------------------------
 # Blocks
 # --------------------------------------------------------------------------------------
+
+
+#: Short names (``hook_`` dropped) of an :class:`EncoderBlock`'s hooks, for ``act_name``.
+ENCODER_BLOCK_HOOKS = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
+#: Short names of a :class:`DecoderBlock`'s hooks (self-attention, cross-attention, MLP).
+DECODER_BLOCK_HOOKS = ENCODER_BLOCK_HOOKS + ("memory", "cross_attn_out", "resid_mid_cross")
 
 
 class EncoderBlock(nn.Module):

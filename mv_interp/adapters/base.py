@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..hooks import HookedRootModule
 from ..io import dumps_json, from_jsonable, jsonable
+from ..layers import ATTENTION_HOOKS
 from ..types import ModelLike, as_module
 
 # --------------------------------------------------------------------------------------
@@ -408,6 +409,28 @@ class MultiViewModel(HookedRootModule):
         if getattr(self, "_hook_order", None) is None:
             self._hook_order = [n for n, _ in self.hook_table()]
         return list(self._hook_order)
+
+
+def block_hook_name(prefix: str, depth: int, layer: int, name: str, block_hooks: Sequence[str],
+                    attention: Mapping[str, str] = {"": "attn"}) -> str:
+    """The full name of hook ``name`` of block ``layer`` in the stack at ``prefix`` (``depth``
+    blocks; negative layers count from the end): the building block of every ``act_name``.
+
+    ``name`` is a block hook (one of ``block_hooks``, e.g. ``"resid_post"`` → ``"{prefix}.3.hook_resid_post"``)
+    or an attention hook (:data:`mv_interp.layers.ATTENTION_HOOKS`, e.g. ``"pattern"``) behind one of the
+    ``attention`` name prefixes, which map to the block's attention submodules
+    (``{"": "attn", "cross_": "cross_attn"}``: ``"cross_pattern"`` → ``"{prefix}.3.cross_attn.hook_pattern"``).
+    """
+    if not -depth <= layer < depth:
+        raise IndexError(f"layer {layer} out of range for {prefix} (valid: 0..{depth - 1})")
+    layer %= depth
+    for short, module in sorted(attention.items(), key=lambda kv: -len(kv[0])):
+        if name.startswith(short) and name[len(short):] in ATTENTION_HOOKS:
+            return f"{prefix}.{layer}.{module}.{ATTENTION_HOOKS[name[len(short):]]}"
+    if name not in block_hooks:
+        valid = sorted(set(block_hooks) | {s + a for s in attention for a in ATTENTION_HOOKS})
+        raise ValueError(f"unknown hook {name!r} for {prefix} blocks; expected one of {valid}")
+    return f"{prefix}.{layer}.hook_{name}"
 
 
 # --------------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ from torch import Tensor, nn
 
 from ..hooks import HookPoint
 from ..layers import (
+    DECODER_BLOCK_HOOKS,
+    ENCODER_BLOCK_HOOKS,
     DecoderBlock,
     DPTHead,
     EncoderBlock,
@@ -29,7 +31,7 @@ from ..layers import (
     postprocess_points,
     resolve_dpt_aliases,
 )
-from .base import Adapter, AttentionSite, MultiViewModel, ProbeSite, pair, register_adapter
+from .base import Adapter, AttentionSite, MultiViewModel, ProbeSite, block_hook_name, pair, register_adapter
 from .croco import CroCoConfig, py_literal
 
 INF = math.inf
@@ -221,9 +223,6 @@ class HookedDUSt3R(MultiViewModel):
                 "conf": postprocess_conf(raw[..., 3], self.config.conf_mode)}
 
     # -- names and sites ------------------------------------------------------------
-    _ATTN = {"q": "hook_q", "k": "hook_k", "v": "hook_v", "rot_q": "hook_rot_q", "rot_k": "hook_rot_k",
-             "attn_scores": "hook_attn_scores", "scores": "hook_attn_scores", "pattern": "hook_pattern", "z": "hook_z"}
-
     def act_name(self, name: str, layer: int | None = None, view: int | None = None, stack: str | None = None) -> str:
         """Full hook name from a short one, TransformerLens style.
 
@@ -254,22 +253,11 @@ class HookedDUSt3R(MultiViewModel):
             prefix, depth = ("dec_blocks" if view == 1 else "dec_blocks2"), self.config.dec_depth
         else:
             raise ValueError(f"stack must be 'enc' or 'dec', got {stack!r}")
-        if not -depth <= layer < depth:
-            raise IndexError(f"layer {layer} out of range for {prefix} (valid: 0..{depth - 1})")
-        layer %= depth
-        if name.startswith("cross_") and name[6:] in self._ATTN:
-            if stack == "enc":
+        if stack == "enc":
+            if name.startswith("cross_"):
                 raise ValueError("the encoder has no cross-attention")
-            return f"{prefix}.{layer}.cross_attn.{self._ATTN[name[6:]]}"
-        if name in self._ATTN:
-            return f"{prefix}.{layer}.attn.{self._ATTN[name]}"
-        block = {"resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"}
-        if stack == "dec":
-            block |= {"memory", "cross_attn_out", "resid_mid_cross"}
-        if name not in block:
-            raise ValueError(f"unknown hook {name!r} for {stack} blocks; expected one of "
-                             f"{sorted(block | set(self._ATTN))} (or cross_<attn hook>)")
-        return f"{prefix}.{layer}.hook_{name}"
+            return block_hook_name(prefix, depth, layer, name, ENCODER_BLOCK_HOOKS)
+        return block_hook_name(prefix, depth, layer, name, DECODER_BLOCK_HOOKS, {"": "attn", "cross_": "cross_attn"})
 
     def probe_sites(self, encoder_blocks: bool = False, sublayers: bool = False,
                     n_views: int | None = None) -> list[ProbeSite]:

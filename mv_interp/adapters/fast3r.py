@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from ..hooks import HookPoint
 from ..io import jsonable
 from ..layers import (
+    ENCODER_BLOCK_HOOKS,
     DPTHead,
     EncoderBlock,
     PatchEmbed,
@@ -62,7 +63,8 @@ from ..layers import (
     postprocess_points,
     resolve_dpt_aliases,
 )
-from .base import Adapter, AttentionSite, MultiViewModel, ProbeSite, config_value, pair, register_adapter
+from .base import (Adapter, AttentionSite, MultiViewModel, ProbeSite, block_hook_name, config_value, pair,
+                   register_adapter)
 from .croco import CroCoConfig, py_literal
 
 INF = math.inf
@@ -424,8 +426,6 @@ class HookedFast3R(MultiViewModel):
                 "conf": postprocess_conf(raw[..., 3], c.conf_mode)}
 
     # -- names and sites ----------------------------------------------------------------
-    _ATTN = {"q": "hook_q", "k": "hook_k", "v": "hook_v", "rot_q": "hook_rot_q", "rot_k": "hook_rot_k",
-             "attn_scores": "hook_attn_scores", "scores": "hook_attn_scores", "pattern": "hook_pattern", "z": "hook_z"}
     _ROOT = {"patch_embed": "encoder.hook_patch_embed", "embed": "encoder.hook_patch_embed",
              "enc_out": "encoder.hook_enc_out", "dec_embed": "decoder.hook_embed",
              "image_pos": "decoder.hook_image_pos",
@@ -455,16 +455,9 @@ class HookedFast3R(MultiViewModel):
             raise ValueError(f"stack must be 'enc' or 'dec', got {stack!r}")
         prefix, depth = (("encoder.enc_blocks", self.config.enc_depth) if stack == "enc"
                          else ("decoder.dec_blocks", self.config.dec_depth))
-        if not -depth <= layer < depth:
-            raise IndexError(f"layer {layer} out of range for {prefix} (valid: 0..{depth - 1})")
-        layer %= depth
-        if name in self._ATTN:
-            return f"{prefix}.{layer}.attn.{self._ATTN[name]}"
-        block = {"resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"}
-        if name not in block:
-            raise ValueError(f"unknown hook {name!r}; expected one of {sorted(block | set(self._ATTN))} "
-                             "(Fast3R has no cross-attention)")
-        return f"{prefix}.{layer}.hook_{name}"
+        if name.startswith("cross_"):
+            raise ValueError(f"unknown hook {name!r}: Fast3R has no cross-attention")
+        return block_hook_name(prefix, depth, layer, name, ENCODER_BLOCK_HOOKS)
 
     def probe_sites(self, encoder_blocks: bool = False, sublayers: bool = False,
                     n_views: int | None = None) -> list[ProbeSite]:

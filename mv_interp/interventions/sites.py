@@ -20,15 +20,6 @@ from torch import Tensor
 from ..adapters.base import AttentionSite
 from ..types import ModelLike, as_module, is_traced
 
-# axis roles of the hooks the shared attention core exposes (TransformerLens names)
-_ATTN_AXES = {
-    "hook_q": "batch head pos d_head", "hook_k": "batch head pos d_head", "hook_v": "batch head pos d_head",
-    "hook_rot_q": "batch head pos d_head", "hook_rot_k": "batch head pos d_head",
-    "hook_attn_scores": "batch head q_pos k_pos", "hook_pattern": "batch head q_pos k_pos",
-    "hook_z": "batch pos head d_head",
-}
-# hooks whose token axis holds the keys (the memory, for cross-attention)
-_KEY_SIDE = {"hook_k", "hook_v", "hook_rot_k"}
 RESID_AXES = "batch pos d_model"
 # how an attention site's layout maps to the token layout of its per-token hooks
 _SITE_TO_TOKEN_LAYOUT = {"view": "view", "stacked": "stacked", "global": "concat"}
@@ -290,20 +281,23 @@ class HookInfo:
 
 
 def hook_info(model: ModelLike, name: str) -> HookInfo:
-    """Axes, token layout and views of hook ``name`` from the model's site metadata."""
+    """Axes, token layout and views of hook ``name``: axes as the hook point declares them
+    (:class:`~mv_interp.hooks.HookPoint` ``axes`` / ``key_side``), layout and views from the
+    model's site metadata."""
     check_hook(model, name)
     module = as_module(model)
-    prefix, _, leaf = name.rpartition(".")
+    hook = module.hook_dict[name]
+    prefix = name.rpartition(".")[0]
     for site in module.attention_sites():
-        if site.z_hook.rpartition(".")[0] == prefix and leaf in _ATTN_AXES:
+        if site.z_hook.rpartition(".")[0] == prefix and hook.axes is not None:
             layout = _SITE_TO_TOKEN_LAYOUT.get(site.layout, "view")
             if site.layout == "view":
-                views = tuple(site.key_views) if leaf in _KEY_SIDE else (site.query_view,)
+                views = tuple(site.key_views) if hook.key_side else (site.query_view,)
             elif site.layout == "stacked":
                 views = tuple(site.key_views)
             else:  # global: as many views as the run has
                 views = None
-            return HookInfo(name, _ATTN_AXES[leaf], layout, views, site)
+            return HookInfo(name, hook.axes, layout, views, site)
     probes = [s for s in module.probe_sites(encoder_blocks=True, sublayers=True) if s.hook == name]
     if probes:
         views = None if probes[0].layout == "concat" else tuple(sorted({s.view for s in probes}))
