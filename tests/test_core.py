@@ -112,3 +112,37 @@ def test_rope_cache_is_keyed_by_the_patch_grid():
     assert torch.equal(rope.tables(grid, 8)[0], rope2d_cos_sin(grid, 8)[0])
     assert torch.equal(rope.tables(other, 8)[0], rope2d_cos_sin(other, 8)[0])
     assert not torch.equal(rope.tables(other, 8)[0], rope.tables(grid, 8)[0])
+
+
+def _same_rows(a, b):
+    def same(x, y):
+        if isinstance(x, float) and isinstance(y, float):
+            return (math.isnan(x) and math.isnan(y)) or math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-7)
+        return x == y
+
+    return len(a) == len(b) and all(r.keys() == q.keys() and all(same(r[k], q[k]) for k in r) for r, q in zip(a, b))
+
+
+def test_score_heads_resumes_from_its_checkpoint(toy, tmp_path):
+    from mv_interp.data import SceneConfig, render_views
+    from mv_interp.heads import score_heads
+
+    cfg = SceneConfig(image_size=(64, 64))
+    batches = [render_views(2, cfg, seed=s) for s in (0, 2)]
+    kw = dict(kinds=("register", "local"), sites=["dec1.*"])
+    whole = score_heads(toy, batches, **kw).table()
+
+    def interrupted():
+        yield batches[0]
+        raise KeyboardInterrupt
+
+    ckpt = tmp_path / "progress.pt"
+    with pytest.raises(KeyboardInterrupt):
+        score_heads(toy, interrupted(), checkpoint=ckpt, **kw)
+    seen = []
+    resumed = score_heads(toy, (seen.append(i) or b for i, b in enumerate(batches)), checkpoint=ckpt, **kw)
+    assert len(seen) == 2 and resumed.n_pairs == 4  # batch 0 came from the checkpoint, not a new forward
+    assert _same_rows(resumed.table(), whole)
+    # other settings: the checkpoint is not reused
+    other = score_heads(toy, batches, checkpoint=ckpt, kinds=("local",), sites=["dec1.*"])
+    assert other.n_pairs == 4

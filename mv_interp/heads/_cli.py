@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 from pathlib import Path
 
 from .._cli import add_model_args, load_from_args
-from ..io import atomic_write
+from ..resume import StateFile
 
 
 def _threshold_args(p: argparse.ArgumentParser) -> None:
@@ -70,7 +68,6 @@ def _data_spec(args: argparse.Namespace, model) -> tuple[str, int, object]:
 
 
 def _classify(args: argparse.Namespace) -> int:
-    import torch
     from tqdm.auto import tqdm
 
     from . import figures
@@ -83,26 +80,23 @@ def _classify(args: argparse.Namespace) -> int:
     desc, n_batches, get_batch = _data_spec(args, model)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    fingerprint = hashlib.sha256(json.dumps(
-        {"model": str(args.model), "config": args.config, "data": desc, "batch": args.batch_size,
-         "score": config.to_dict()}, sort_keys=True).encode()).hexdigest()[:16]
-    progress_path = out / "progress.pt"
+    progress = StateFile(out / "progress.pt", {"model": str(args.model), "config": args.config, "data": desc,
+                                               "batch": args.batch_size, "score": config.to_dict()})
     scorer = HeadScorer(model, config)
     done = 0
-    if progress_path.is_file() and not args.fresh:
-        saved = torch.load(progress_path, map_location="cpu", weights_only=True)
-        if saved.get("fingerprint") == fingerprint:
+    if progress.path.is_file() and not args.fresh:
+        saved = progress.load(on_mismatch="restart")
+        if saved is not None:
             scorer.load_state_dict(saved["scorer"])
             done = scorer.n_batches
-            print(f"resuming: {done} of {n_batches} batches already scored in {progress_path}")
+            print(f"resuming: {done} of {n_batches} batches already scored in {progress.path}")
         else:
-            print(f"{progress_path} belongs to another run (other model, data or options); starting afresh")
+            print(f"{progress.path} belongs to another run (other model, data or options); starting afresh")
     first = get_batch(0)  # kept for the example figures
     bar = tqdm(total=n_batches, initial=done, unit="batch", desc="scoring heads", disable=args.quiet)
     for i in range(done, n_batches):
         scorer.update(first if i == 0 else get_batch(i))
-        state = {"fingerprint": fingerprint, "scorer": scorer.state_dict()}
-        atomic_write(progress_path, lambda tmp: torch.save(state, tmp))
+        progress.save({"scorer": scorer.state_dict()})
         bar.update(1)
     bar.close()
     scores = scorer.result(model_name=Path(str(args.model)).name).classify(thresholds)

@@ -29,6 +29,8 @@ Three families of scores (``docs/heads.md`` has the definitions):
 from __future__ import annotations
 
 import functools
+import itertools
+import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -40,6 +42,7 @@ from torch import Tensor
 
 from ..adapters.base import AttentionSite, ProbeSite, pattern_blocks, view_tokens
 from ..data.views import Views, as_views, is_views
+from ..resume import StateFile, fingerprint, tensor_digest
 from ..types import ModelLike, as_module
 from .result import GEOMETRY_KEYS, KINDS, HeadScores, ScoreConfig, UnitInfo
 from .targets import Correspondence, centre_distance, correspondence_targets, grid_distance
@@ -418,6 +421,16 @@ class HeadScorer:
             family=self.module.family,
         )
 
+    def identity(self, first_batch: Any, batch_size: int, data_id: Any = None) -> dict[str, Any]:
+        """What a resumed scoring run must share with the saved one: the model (family, config,
+        weight fingerprint), the score settings, the batch size and the data (``data_id``, or a
+        digest of the first batch's images)."""
+        if data_id is None:
+            data_id = tensor_digest(v["img"] for v in as_views(first_batch, "score_heads data"))
+        return {"family": self.module.family, "model_config": self.module.config.to_dict(),
+                "fingerprint": fingerprint(self.module), "score": self.config.to_dict(), "batch_size": batch_size,
+                "data": data_id}
+
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: the sums and counters (units are rebuilt from the model)."""
         sums = {"|".join(map(str, k)): {n: t.detach().cpu() for n, t in v.items()} for k, v in self.sums.items()}
@@ -459,7 +472,9 @@ def score_heads(
     config: ScoreConfig | None = None,
     correspondence_fn: Callable[..., Correspondence] | None = None,
     progress: bool = False,
-):
+    checkpoint: str | os.PathLike | None = None,
+    data_id: Any = None,
+) -> HeadScores:
     """Score every head of every attention site of ``model`` over ``data``.
 
     ``data``: a batch (list of batched view dicts as :func:`mv_interp.data.render_views`
@@ -469,6 +484,12 @@ def score_heads(
     declares ``attention_sites()``.
 
     Returns a :class:`~mv_interp.heads.HeadScores`.
+
+    ``checkpoint``: a file (``progress.pt``) where the running statistics are saved after every
+    batch (atomically, :class:`mv_interp.resume.StateFile`); a later call with the same model,
+    settings and data resumes after the last scored batch, skipping the batches already seen.
+    The data is identified by ``data_id`` (any JSON-able description; default: a digest of the
+    first batch's images).
 
     >>> from mv_interp.data import SceneConfig, render_views
     >>> views = render_views(64, SceneConfig(image_size=(224, 224)), seed=0)
@@ -484,10 +505,26 @@ def score_heads(
                              sites=None if sites is None else tuple(sites))
     scorer = HeadScorer(model, config, correspondence_fn)
     batches = iter_batches(data, batch_size)
+    state, done = None, 0
+    if checkpoint is not None:
+        batches = iter(batches)
+        first = next(batches, None)
+        if first is None:
+            raise ValueError("score_heads got no data")
+        batches = itertools.chain([first], batches)
+        state = StateFile(checkpoint, scorer.identity(first, batch_size, data_id), what="head-scoring run")
+        saved = state.load(on_mismatch="restart")
+        if saved is not None:
+            scorer.load_state_dict(saved["scorer"])
+            done = scorer.n_batches
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, desc="scoring heads", unit="batch")
-    for batch in batches:
+        batches = tqdm(batches, desc="scoring heads", unit="batch", initial=done)
+    for i, batch in enumerate(batches):
+        if i < done:
+            continue
         scorer.update(batch)
+        if state is not None:
+            state.save({"scorer": scorer.state_dict()})
     return scorer.result()

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..adapters.base import MultiViewModel, ProbeSite, adapter_for_model, config_value
 from ..io import atomic_write, dumps_json, jsonable, read_json
+from ..resume import fingerprint
 from ..types import ModelLike, as_module
 from .config import ProbeSpec
 from .modules import ProbeBank
@@ -34,17 +35,6 @@ DEFAULT_CONF_MODE = ("exp", 1, math.inf)
 def unwrap(model: ModelLike) -> MultiViewModel:
     """Deprecated: use :func:`mv_interp.types.as_module` (the same thing)."""
     return as_module(model)
-
-
-@torch.no_grad()
-def fingerprint(module: nn.Module) -> str:
-    """A short digest of a model's weights (to check probes are applied to the backbone they were trained on)."""
-    acc = torch.zeros(2, dtype=torch.float64)
-    for i, p in enumerate(module.parameters()):
-        flat = p.detach().reshape(-1)[:4096].double().cpu()
-        acc[0] += flat.sum() * (i + 1)
-        acc[1] += flat.abs().sum() + p.numel()
-    return f"{acc[0].item():.9e}/{acc[1].item():.9e}"
 
 
 def random_backbone(module: MultiViewModel, seed: int) -> MultiViewModel:

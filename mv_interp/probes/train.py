@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ..io import atomic_write
+from ..resume import StateFile
 from ..types import ModelLike, as_module
 from .config import TrainConfig
 from .data import PairSource, SyntheticSource, check_batch
@@ -62,14 +63,9 @@ def _identity(config: TrainConfig, module, source: PairSource, sites) -> dict[st
             "data": source.describe(), "sites": [s.name for s in sites]}
 
 
-def _save_checkpoint(path: Path, probes: ProbeSet, opt: torch.optim.Optimizer, step: int, identity: dict) -> None:
-    state = {
-        "step": step,
-        "probes": {k: v.detach().cpu() for k, v in probes.bank.state_dict().items()},
-        "optim": _to_cpu(opt.state_dict()),
-        "identity": json.dumps(identity, sort_keys=True),
-    }
-    atomic_write(path, lambda p: torch.save(state, p))
+def _save_checkpoint(state: StateFile, probes: ProbeSet, opt: torch.optim.Optimizer, step: int) -> None:
+    state.save({"step": step, "probes": {k: v.detach().cpu() for k, v in probes.bank.state_dict().items()},
+                "optim": _to_cpu(opt.state_dict())})
 
 
 def _to_cpu(obj: Any) -> Any:
@@ -82,20 +78,14 @@ def _to_cpu(obj: Any) -> Any:
     return obj
 
 
-def _load_checkpoint(path: Path, probes: ProbeSet, opt: torch.optim.Optimizer, identity: dict) -> int:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    saved = json.loads(state["identity"])
-    if saved != identity:
-        diff = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
-        if "train" in diff:
-            a, b = saved.get("train", {}), identity["train"]
-            diff = (["train." + k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-                    + [d for d in diff if d != "train"])
-        raise ValueError(f"{path.parent} holds a probe run that differs in {diff}; resume with the same settings, "
-                         "or give a new output directory")
-    probes.bank.load_state_dict(state["probes"])
-    opt.load_state_dict(state["optim"])
-    return int(state["step"])
+def _load_checkpoint(state: StateFile, probes: ProbeSet, opt: torch.optim.Optimizer) -> int:
+    """The step to resume from (0 without a checkpoint); a checkpoint of other settings is an error."""
+    saved = state.load(on_mismatch="error")
+    if saved is None:
+        return 0
+    probes.bank.load_state_dict(saved["probes"])
+    opt.load_state_dict(saved["optim"])
+    return int(saved["step"])
 
 
 def train_probes(model: ModelLike, config: TrainConfig | None = None, out_dir: str | os.PathLike | None = None,
@@ -142,9 +132,8 @@ def train_probes(model: ModelLike, config: TrainConfig | None = None, out_dir: s
     identity = _identity(config, module, source, sites)
 
     out = Path(out_dir) if out_dir is not None else None
-    step = 0
-    if out is not None and (out / CHECKPOINT).is_file():
-        step = _load_checkpoint(out / CHECKPOINT, probes, opt, identity)
+    checkpoint = StateFile(out / CHECKPOINT, identity, what="probe run") if out is not None else None
+    step = _load_checkpoint(checkpoint, probes, opt) if checkpoint is not None else 0
     end = config.steps if stop_after is None else min(config.steps, stop_after)
     hooks = probes.hooks
     need = ("img", "pts3d", "valid") + (("depth",) if any(s.target == "depth" for s in config.probes) else ())
@@ -175,7 +164,7 @@ def train_probes(model: ModelLike, config: TrainConfig | None = None, out_dir: s
                                          "time_s": round(time.perf_counter() - t0, 3)}))
             if out is not None and (step % config.checkpoint_every == 0 or step == end):
                 _flush_log(out, log_lines)
-                _save_checkpoint(out / CHECKPOINT, probes, opt, step, identity)
+                _save_checkpoint(checkpoint, probes, opt, step)
     finally:
         bar.close()
         module.train(was_training)

@@ -101,7 +101,7 @@ def run_report(model: ModelLike = "dust3r-toy", config: ReportConfig | None = No
     >>> run_report("dust3r-toy", ReportConfig.preset("fast"), "runs/report")
     """
     from ..api import load_model
-    from ..probes.probeset import fingerprint
+    from ..resume import fingerprint
 
     t_start = time.perf_counter()
     cfg = config or ReportConfig.preset("default")

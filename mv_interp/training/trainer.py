@@ -26,6 +26,7 @@ from torch import Tensor
 
 from ..adapters.base import ConfigMixin, get_adapter
 from ..io import atomic_write
+from ..resume import check_identity
 from ..types import ModelLike, as_module
 
 #: scene seeds of the validation set start here; training seeds stay far below it
@@ -315,10 +316,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, device: str | torch.devi
     if cfg_path.is_file():
         saved = TrainConfig.from_dict(json.loads(cfg_path.read_text()))
         if saved != cfg:
-            raise ValueError(
-                f"{out_dir} holds a run with a different config ({cfg_path}); resume with the same config "
-                "or choose another output directory"
-            )
+            check_identity(saved.to_dict(), cfg.to_dict(), cfg_path, what="training run with a different config")
     else:
         atomic_write(cfg_path, lambda p: Path(p).write_text(cfg.to_json() + "\n"))
 
