@@ -146,3 +146,29 @@ def test_score_heads_resumes_from_its_checkpoint(toy, tmp_path):
     # other settings: the checkpoint is not reused
     other = score_heads(toy, batches, checkpoint=ckpt, kinds=("local",), sites=["dec1.*"])
     assert other.n_pairs == 4
+
+
+def test_open_source_reads_every_form_of_data(tmp_path):
+    from PIL import Image
+
+    from mv_interp.data.sources import ImageSource, SyntheticSource, TensorSource, open_source, save_pairs
+
+    synth = open_source(None, (32, 32), seed=5)
+    assert isinstance(synth, SyntheticSource)
+    a, b = synth.take(1, 2), synth.batch(0, 3, "cpu")
+    assert torch.equal(a[0]["img"], b[0]["img"][1:3])  # take() and batch() agree on the scene order
+    pairs = save_pairs(tmp_path / "p.safetensors", synth.take(0, 3))
+    from_file = open_source(pairs, (32, 32))
+    assert isinstance(from_file, TensorSource) and torch.equal(from_file.take(0, 3)[1]["pts3d"], synth.take(0, 3)[1]["pts3d"])
+    files = []
+    for i in range(4):
+        path = tmp_path / f"im{i}.png"
+        Image.fromarray((torch.rand(40, 48, 3) * 255).byte().numpy()).save(path)
+        files.append(path)
+    images = open_source(files, (32, 32))
+    assert isinstance(images, ImageSource) and images.describe()["files"][1] == [str(files[2]), str(files[3])]
+    batch = images.take(0, 2)
+    assert len(batch) == 2 and set(batch[0]) == {"img"} and batch[0]["img"].shape[:2] == (2, 3)
+    assert max(batch[0]["img"].shape[-2:]) == 32 and all(s % 16 == 0 for s in batch[0]["img"].shape[-2:])
+    with pytest.raises(ValueError, match="do not split"):
+        open_source(files[:3], (32, 32))

@@ -30,41 +30,35 @@ def _thresholds(args: argparse.Namespace):
 
 
 def _data_spec(args: argparse.Namespace, model) -> tuple[str, int, object]:
-    """(description, number of batches, batch(i) -> list of view dicts)."""
-    import torch
+    """(description, number of batches, batch(i) -> list of view dicts), from the pair source of
+    ``--data`` (a capture directory) or of synthetic scenes."""
+    from ..data import CaptureDataset
+    from ..data.sources import DatasetSource, SyntheticSource
 
     bs = args.batch_size
     if args.data:
-        from ..data import CaptureDataset, collate_views
-
         root = Path(args.data)
         if not root.is_dir():
             raise FileNotFoundError(f"--data {root}: not a directory (give a capture directory, see docs/data.md)")
         size = args.size or max(model.config.img_size)
-        ds = CaptureDataset(root, size=size)
-        n = len(ds) if args.pairs is None else min(args.pairs, len(ds))
+        dataset = CaptureDataset(root, size=size)
+        n = len(dataset) if args.pairs is None else min(args.pairs, len(dataset))
         if n == 0:
             raise ValueError(f"--data {root}: the capture directory holds no tuples")
-
-        def batch(i: int):
-            return collate_views([ds[j] for j in range(i * bs, min(n, (i + 1) * bs))])
-
-        return f"capture {root.resolve()} size {size}", -(-n // bs), batch
-
-    from ..data import SceneConfig, render_views
-
-    n = 64 if args.pairs is None else args.pairs
-    if n < 1:
-        raise ValueError(f"--pairs must be >= 1, got {n}")
-    n_views = model.module.fixed_n_views or args.views
-    config = SceneConfig(image_size=tuple(model.config.img_size), n_views=n_views)
+        source = DatasetSource(dataset, name=str(root))
+        desc = f"capture {root.resolve()} size {size}"
+    else:
+        n = 64 if args.pairs is None else args.pairs
+        if n < 1:
+            raise ValueError(f"--pairs must be >= 1, got {n}")
+        n_views = model.module.fixed_n_views or args.views
+        source = SyntheticSource(tuple(model.config.img_size), seed=args.seed, scene={"n_views": n_views})
+        desc = f"synthetic {source.config.to_json()} seed {args.seed} pairs {n}"
 
     def batch(i: int):
-        count = min(bs, n - i * bs)
-        seeds = torch.arange(args.seed + i * bs, args.seed + i * bs + count, dtype=torch.int64)
-        return render_views(count, config, device=args.device, seeds=seeds)
+        return source.take(i * bs, min(bs, n - i * bs), args.device if not args.data else "cpu")
 
-    return f"synthetic {config.to_json()} seed {args.seed} pairs {n}", -(-n // bs), batch
+    return desc, -(-n // bs), batch
 
 
 def _classify(args: argparse.Namespace) -> int:

@@ -1,22 +1,32 @@
-"""Where probe training and evaluation get their pairs.
+"""Where probe training and evaluation get their pairs: the pair sources of
+:mod:`mv_interp.data.sources` (re-exported here) and the probes' data checks.
 
-A *pair source* returns the batch of step ``s`` as a pure function of its seed and ``s`` (so a
-resumed run sees the same data as an uninterrupted one). Batches are lists of batched views in
-the data format (``img``, ``pts3d``, ``valid``, ``depth`` … see :mod:`mv_interp.data`).
+Batches are lists of batched views in the data format (``img``, ``pts3d``, ``valid``, ``depth`` …
+see :mod:`mv_interp.data`); probes need ``img``, ``pts3d`` and ``valid``.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
 
-import torch
 from torch import Tensor
 
+from ..data.sources import (
+    DatasetSource,
+    ImageSource,
+    PairSource,
+    SyntheticSource,
+    TensorSource,
+    load_pairs_file,
+    open_pairs,
+    open_source,
+    save_pairs,
+)
 from ..data.views import Views
-from ..io import atomic_write
+
+__all__ = ["EVAL_SEED", "REQUIRED_KEYS", "DatasetSource", "ImageSource", "PairSource", "SyntheticSource",
+           "TensorSource", "batch_size_of", "check_batch", "collate", "load_pairs_file", "open_pairs", "open_source",
+           "save_pairs", "slice_batch"]
 
 #: First scene seed of the default held-out evaluation pairs; far from any training range
 #: (training pair i uses scene data_seed + i).
@@ -26,152 +36,9 @@ Batch = list[dict[str, Tensor]]
 REQUIRED_KEYS = ("img", "pts3d", "valid")
 
 
-@runtime_checkable
-class PairSource(Protocol):
-    def batch(self, step: int, batch_size: int, device: Any) -> Batch: ...
-
-    def describe(self) -> dict[str, Any]: ...
-
-
-def _scene_config(image_size: tuple[int, int], scene: Any = None):
-    from ..data import SceneConfig
-
-    if scene is None:
-        return SceneConfig(image_size=tuple(image_size))
-    if isinstance(scene, dict):
-        return SceneConfig.from_dict({"image_size": tuple(image_size), **scene})
-    return scene
-
-
-class SyntheticSource:
-    """Synthetic rooms rendered on the fly: pair ``i`` of step ``s`` is scene ``seed + s·B + i``.
-
-    >>> src = SyntheticSource((224, 224), seed=0)
-    >>> views = src.batch(step=3, batch_size=8, device="cuda")
-    """
-
-    def __init__(self, image_size: tuple[int, int], seed: int = 0, scene: Any = None):
-        self.config = _scene_config(image_size, scene)
-        self.seed = int(seed)
-
-    def batch(self, step: int, batch_size: int, device: Any = "cpu") -> Batch:
-        from ..data import render_views
-
-        return render_views(batch_size, self.config, seed=self.seed + step * batch_size, device=device)
-
-    def pairs(self, n: int, device: Any = "cpu") -> Batch:
-        """The first ``n`` pairs (scenes ``seed … seed + n − 1``) as one batch."""
-        from ..data import render_views
-
-        return render_views(n, self.config, seed=self.seed, device=device)
-
-    def describe(self) -> dict[str, Any]:
-        return {"source": "synthetic", "seed": self.seed, "scene": self.config.to_dict()}
-
-
-class DatasetSource:
-    """Pairs from a dataset whose items are samples (lists of unbatched view dicts), e.g.
-    :class:`mv_interp.data.CaptureDataset` or :class:`mv_interp.data.SyntheticPairs`.
-
-    Each epoch visits the items in a permutation drawn from ``(seed, epoch)``; global pair
-    ``g = step · B + b`` is item ``perm(g // len)[g % len]``. Datasets with ``batch(indices)``
-    (``SyntheticPairs``) or ``__getitems__`` are asked for a whole batch at once.
-    """
-
-    def __init__(self, dataset: Any, seed: int = 0, name: str = ""):
-        if len(dataset) == 0:
-            raise ValueError("the probe dataset is empty")
-        self.dataset, self.seed, self.name = dataset, int(seed), name or type(dataset).__name__
-        self._perms: dict[int, Tensor] = {}
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def _perm(self, epoch: int) -> Tensor:
-        if epoch not in self._perms:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perms = {epoch: torch.randperm(len(self.dataset), generator=g)}
-        return self._perms[epoch]
-
-    def _indices(self, step: int, batch_size: int) -> list[int]:
-        n = len(self.dataset)
-        return [int(self._perm(g // n)[g % n]) for g in range(step * batch_size, (step + 1) * batch_size)]
-
-    def _items(self, indices: Sequence[int], device: Any) -> Batch:
-        ds = self.dataset
-        if hasattr(ds, "batch") and callable(ds.batch):
-            views = ds.batch(indices)
-        elif hasattr(ds, "__getitems__"):
-            views = collate(ds.__getitems__(list(indices)))
-        else:
-            views = collate([ds[i] for i in indices])
-        return [{k: v.to(device) for k, v in view.items()} for view in views]
-
-    def batch(self, step: int, batch_size: int, device: Any = "cpu") -> Batch:
-        return self._items(self._indices(step, batch_size), device)
-
-    def pairs(self, n: int | None = None, device: Any = "cpu") -> Batch:
-        """The first ``n`` items (all when None), in order, as one batch (for evaluation)."""
-        return self._items(range(min(n or len(self.dataset), len(self.dataset))), device)
-
-    def describe(self) -> dict[str, Any]:
-        return {"source": "dataset", "name": self.name, "seed": self.seed, "len": len(self.dataset)}
-
-
-class TensorSource(DatasetSource):
-    """Pairs held in memory as one batch (a list of batched views), visited like :class:`DatasetSource`."""
-
-    def __init__(self, views: Batch, seed: int = 0, name: str = "tensors"):
-        check_batch(views)
-        self.views = views
-        super().__init__(range(batch_size_of(views)), seed, name)
-
-    def _items(self, indices: Sequence[int], device: Any) -> Batch:
-        idx = torch.as_tensor(list(indices), dtype=torch.long)
-        return [{k: v[idx.to(v.device)].to(device) for k, v in view.items()} for view in self.views]
-
-
-def save_pairs(path: str | os.PathLike, views: Batch) -> Path:
-    """Write a batch of views as ``.safetensors`` (keys ``view{v}/{key}``), atomically."""
-    from safetensors.torch import save_file
-
-    check_batch(views)
-    tensors = {f"view{v}/{k}": t.detach().cpu().contiguous() for v, view in enumerate(views, start=1)
-               for k, t in view.items()}
-    return atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"format": "mv_interp.pairs/1"}))
-
-
-def load_pairs_file(path: str | os.PathLike, seed: int = 0) -> TensorSource:
-    """Pairs from a file written by :func:`save_pairs` (or a ``.pt`` holding a list of batched view dicts)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pairs file not found: {path} (write one with mv_interp.probes.data.save_pairs)")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        flat = load_file(str(path))
-        n = max(int(k.split("/")[0][4:]) for k in flat)
-        views = [{k.split("/", 1)[1]: t for k, t in flat.items() if k.startswith(f"view{v}/")} for v in range(1, n + 1)]
-    else:
-        views = torch.load(path, map_location="cpu", weights_only=True)
-    return TensorSource(list(views), seed, name=path.name)
-
-
 def collate(samples: Sequence[Sequence[dict[str, Tensor]]]) -> Batch:
     """Stack samples (lists of unbatched views) into a batch (:meth:`mv_interp.data.views.Views.collate`)."""
     return Views.collate(samples)
-
-
-def open_pairs(path: str | os.PathLike, image_size: tuple[int, int], seed: int = 0) -> DatasetSource:
-    """A pair source for a path: a capture directory (``mv-interp data render`` / ``convert-habitat``;
-    images cropped to the model's input size) or a pairs file (:func:`save_pairs`)."""
-    path = Path(path)
-    if path.is_dir():
-        from ..data import CaptureDataset
-
-        H, W = image_size
-        return DatasetSource(CaptureDataset(path, size=max(H, W), square_ok=H == W), seed, name=str(path))
-    return load_pairs_file(path, seed)
 
 
 def check_batch(views: Batch, need: Sequence[str] = REQUIRED_KEYS) -> None:

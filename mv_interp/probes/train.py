@@ -23,11 +23,10 @@ from typing import Any
 
 import torch
 
-from ..io import atomic_write
 from ..resume import StateFile
 from ..types import ModelLike, as_module
 from .config import TrainConfig
-from .data import PairSource, SyntheticSource, check_batch
+from .data import PairSource, check_batch, open_source
 from .losses import probe_loss
 from .probeset import ProbeSet, fingerprint, random_backbone
 from .sites import select_sites
@@ -44,18 +43,7 @@ def autocast_context(device: torch.device, amp: str):
 
 
 def _data_source(data: Any, module, config: TrainConfig) -> PairSource:
-    if data is None:
-        return SyntheticSource(tuple(module.config.img_size), seed=config.data_seed)
-    if hasattr(data, "batch") and hasattr(data, "describe"):
-        return data
-    from .data import DatasetSource, TensorSource, open_pairs
-
-    if isinstance(data, (str, os.PathLike)):
-        return open_pairs(data, tuple(module.config.img_size), seed=config.data_seed)
-
-    if isinstance(data, (list, tuple)) and data and isinstance(data[0], dict):
-        return TensorSource(list(data), seed=config.data_seed)  # one batch of views held in memory
-    return DatasetSource(data, seed=config.data_seed)
+    return open_source(data, tuple(module.config.img_size), seed=config.data_seed)
 
 
 def _identity(config: TrainConfig, module, source: PairSource, sites) -> dict[str, Any]:
