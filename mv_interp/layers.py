@@ -93,60 +93,101 @@ class RoPE2D(nn.Module):
 # --------------------------------------------------------------------------------------
 
 
+_ATTN_HOOKS = ("hook_q", "hook_k", "hook_v", "hook_rot_q", "hook_rot_k", "hook_attn_scores", "hook_pattern", "hook_z")
+_QK_NORM_HOOKS = ("hook_q_normed", "hook_k_normed")
+
+
+def add_attention_hooks(module: nn.Module, qk_norm: bool = False) -> None:
+    """Give ``module`` the hook points of one attention call (see :class:`AttentionCore`)."""
+    for name in _ATTN_HOOKS + (_QK_NORM_HOOKS if qk_norm else ()):
+        setattr(module, name, HookPoint())
+
+
+class AttentionHooks(nn.Module):
+    """The hook points of one attention call, without parameters.
+
+    For a layer whose weights run several times per forward (VGGT's camera trunk, once per
+    refinement iteration): each call gets its own :class:`AttentionHooks`, so every hook still
+    runs once per forward. Pass it as ``hooks=`` to :meth:`AttentionCore.attend`.
+    """
+
+    def __init__(self, qk_norm: bool = False):
+        super().__init__()
+        add_attention_hooks(self, qk_norm)
+
+
 class AttentionCore(nn.Module):
     """q/k/v (already split into heads) → per-head output z, with every hook on the path.
 
-    Hooks: ``hook_q``/``hook_k``/``hook_v`` [batch, head, pos, d_head] before RoPE,
-    ``hook_rot_q``/``hook_rot_k`` after it, ``hook_attn_scores`` [batch, head, q_pos, k_pos]
-    (pre-softmax, scaled), ``hook_pattern`` (post-softmax), ``hook_z`` [batch, q_pos, head, d_head].
+    Hooks: ``hook_q``/``hook_k``/``hook_v`` [batch, head, pos, d_head] as projected,
+    ``hook_q_normed``/``hook_k_normed`` after the qk-norm (only with ``qk_norm_dim``),
+    ``hook_rot_q``/``hook_rot_k`` after RoPE (what the softmax sees), ``hook_attn_scores``
+    [batch, head, q_pos, k_pos] (pre-softmax, scaled), ``hook_pattern`` (post-softmax),
+    ``hook_z`` [batch, q_pos, head, d_head].
 
     The fused SDPA kernel is used unless a score/pattern hook is active (a torch hook,
-    an nnsight read, or ``force_eager``); the two paths agree to fp32 rounding.
+    an nnsight read, or ``force_eager``); the two paths agree to fp32 rounding. Patterns of a
+    few queries alone come from :func:`query_patterns` without leaving SDPA.
+
+    ``qk_norm_dim``: one ``LayerNorm(d_head)`` each for q and k (``q_norm``/``k_norm``, shared
+    by all heads) applied before RoPE, as VGGT does. ``hooks=False`` builds the weights alone,
+    for layers whose calls each pass their own :class:`AttentionHooks`.
     """
 
     force_eager: bool = False
 
-    def __init__(self, n_heads: int, rope: RoPE2D | None, scale: float | None = None):
+    def __init__(self, n_heads: int, rope: RoPE2D | None, scale: float | None = None,
+                 qk_norm_dim: int | None = None, qk_norm_eps: float = 1e-5, hooks: bool = True):
         super().__init__()
         self.n_heads = n_heads
         self.rope = rope
         #: logit scale; ``None`` is the usual ``d_head ** -0.5``
         self.scale = scale
-        self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
-        self.hook_rot_q, self.hook_rot_k = HookPoint(), HookPoint()
-        self.hook_attn_scores, self.hook_pattern = HookPoint(), HookPoint()
-        self.hook_z = HookPoint()
+        self.q_norm = nn.LayerNorm(qk_norm_dim, eps=qk_norm_eps) if qk_norm_dim else None
+        self.k_norm = nn.LayerNorm(qk_norm_dim, eps=qk_norm_eps) if qk_norm_dim else None
+        if hooks:
+            add_attention_hooks(self, qk_norm=bool(qk_norm_dim))
 
-    def needs_pattern(self) -> bool:
-        return self.force_eager or self.hook_attn_scores.is_active or self.hook_pattern.is_active
+    def needs_pattern(self, hooks: nn.Module | None = None) -> bool:
+        h = self if hooks is None else hooks
+        return self.force_eager or h.hook_attn_scores.is_active or h.hook_pattern.is_active
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, qpos: Tensor | None, kpos: Tensor | None) -> Tensor:
-        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+    def logit_scale(self, d_head: int) -> float:
+        return d_head**-0.5 if self.scale is None else self.scale
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, qpos: Tensor | None, kpos: Tensor | None,
+               hooks: nn.Module | None = None) -> Tensor:
+        h = self if hooks is None else hooks
+        q, k, v = h.hook_q(q), h.hook_k(k), h.hook_v(v)
+        if self.q_norm is not None:
+            q, k = h.hook_q_normed(self.q_norm(q)), h.hook_k_normed(self.k_norm(k))
         if self.rope is not None:
             q, k = self.rope(q, qpos), self.rope(k, kpos)
-        q, k = self.hook_rot_q(q), self.hook_rot_k(k)
-        scale = q.shape[-1] ** -0.5 if self.scale is None else self.scale
-        if self.needs_pattern():
-            scores = self.hook_attn_scores((q @ k.transpose(-2, -1)) * scale)
-            pattern = self.hook_pattern(scores.softmax(dim=-1))
+        q, k = h.hook_rot_q(q), h.hook_rot_k(k)
+        scale = self.logit_scale(q.shape[-1])
+        if self.needs_pattern(h):
+            scores = h.hook_attn_scores((q @ k.transpose(-2, -1)) * scale)
+            pattern = h.hook_pattern(scores.softmax(dim=-1))
             out = pattern.to(v.dtype) @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-        return self.hook_z(rearrange(out, "batch head pos d_head -> batch pos head d_head"))
+        return h.hook_z(rearrange(out, "batch head pos d_head -> batch pos head d_head"))
 
 
 class SelfAttention(AttentionCore):
     """Multi-head self-attention with one fused ``qkv`` projection (rows [q | k | v], head-major)."""
 
     def __init__(self, dim: int, n_heads: int, rope: RoPE2D | None = None, qkv_bias: bool = True,
-                 scale: float | None = None):
-        super().__init__(n_heads, rope, scale)
+                 scale: float | None = None, qk_norm: bool = False, qk_norm_eps: float = 1e-5, hooks: bool = True):
+        super().__init__(n_heads, rope, scale, dim // n_heads if qk_norm else None, qk_norm_eps, hooks)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Float[Tensor, "batch pos d_model"], pos: Tensor | None = None) -> Float[Tensor, "batch pos d_model"]:
+    def forward(self, x: Float[Tensor, "batch pos d_model"], pos: Tensor | None = None,
+                hooks: nn.Module | None = None) -> Float[Tensor, "batch pos d_model"]:
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.n_heads)
-        z = self.attend(q, k, v, pos, pos)
+        # subclasses that override attend(q, k, v, qpos, kpos) keep working without hooks=
+        z = self.attend(q, k, v, pos, pos) if hooks is None else self.attend(q, k, v, pos, pos, hooks=hooks)
         return self.proj(rearrange(z, "b n h d -> b n (h d)"))
 
 
