@@ -657,7 +657,19 @@ class HookedVGGT(MultiViewModel):
         self.camera_head = CameraHead(c) if c.enable_camera else None
         self.depth_head = DPTHead(c, 2, "exp") if c.enable_depth else None
         self.point_head = DPTHead(c, 4, "inv_log")
+        self._init_tokens()
         self.setup()
+
+    def _init_tokens(self) -> None:
+        # a randomly initialised model (tests, examples, the report's control) gets distinct special
+        # tokens and positions, as upstream's initialisation does; checkpoints overwrite them
+        g = torch.Generator().manual_seed(0)
+        dino, agg = self.aggregator.patch_embed, self.aggregator
+        params = [dino.cls_token, dino.pos_embed, agg.camera_token, agg.register_token]
+        params += [dino.register_tokens] if dino.register_tokens is not None else []
+        with torch.no_grad():
+            for prm in params:
+                prm.copy_(torch.randn(prm.shape, generator=g) * 0.02)
 
     # -- forward ----------------------------------------------------------------------
     def forward(self, *frames: Float[Tensor, "_batch 3 _H _W"]) -> tuple[dict, ...]:

@@ -137,6 +137,7 @@ def block_statistics(
     register_k: int = 5,
     local_radius: int = 1,
     correspondence: Correspondence | None = None,
+    n_prefix: int = 0,
 ) -> BlockStatistics:
     """Statistics of one view-to-view attention block (queries of view b, keys of view a).
 
@@ -145,6 +146,10 @@ def block_statistics(
     ``block_mass`` records how much that is. Both views share the ``grid = (h, w)`` patch grid.
     ``correspondence`` (targets of b in a, only for a block between two different views)
     enables the correspondence sums; queries with ``match == -1`` are not scored.
+    ``n_prefix``: special tokens (camera, registers, cls) before each view's patches on both
+    axes. Only patch queries are scored; local and correspondence scores use the patch keys,
+    the register scores every key — a model's real register tokens are keys like any other, at
+    indices ``0 … n_prefix - 1`` of ``register_counts`` / ``register_key_mass``.
 
     Sums returned (``rows`` = batch · q_pos queries):
 
@@ -169,12 +174,14 @@ def block_statistics(
     """
     B, H, Nq, Nk = pattern.shape
     h, w = grid
-    if Nq != h * w or Nk != h * w:
+    if Nq != n_prefix + h * w or Nk != n_prefix + h * w:
         raise ValueError(
-            f"block_statistics: a pattern block is {Nq}x{Nk} but the {h}x{w} patch grid has {h * w} tokens; the "
-            "head scores need attention between patch tokens only (declare extra tokens outside the blocks)"
+            f"block_statistics: a pattern block is {Nq}x{Nk} but the {h}x{w} patch grid has {h * w} tokens "
+            f"after {n_prefix} special tokens; declare the special tokens with the site's n_prefix"
         )
-    A = pattern.detach().float()
+    A_all = pattern.detach().float()[:, :, n_prefix:]  # patch queries, every key
+    A = A_all[..., n_prefix:]  # patch queries, patch keys
+    Nq = Nk = h * w
     dev = A.device
     window, centre_px = _grid_tables(h, w, patch_size, local_radius, str(dev))
     mass = A.sum(-1)  # [B, H, Nq]
@@ -190,17 +197,19 @@ def block_statistics(
         sums["local_chance"] = window.sum() / Nk * B
         sums["diag_mass"] = (A.diagonal(dim1=-2, dim2=-1) / safe).sum((0, 2))
     if "register" in kinds:
-        k = min(register_k, Nk)
-        avg = A.sum(2) / mass.sum(2, keepdim=True).clamp_min(1e-12)  # [B, H, Nk]: query-averaged attention
+        n_keys = A_all.shape[-1]
+        k = min(register_k, n_keys)
+        # [B, H, keys]: query-averaged attention over every key of the block (special tokens too)
+        avg = A_all.sum(2) / A_all.sum((2, 3))[..., None].clamp_min(1e-12)
         top = avg.topk(k, dim=-1)
         top_keys = (top.indices, top.values)
         sums["register_mass"] = top.values.sum(-1).sum(0)
-        sums["register_chance"] = torch.tensor(float(B * k / Nk), device=dev)
+        sums["register_chance"] = torch.tensor(float(B * k / n_keys), device=dev)
         # a key counts as a sample's register only if it also gets more than its uniform share, so
         # the filler of a top-k set (a head with two registers and k = 5) is not reported
-        above = (top.values > 1 / Nk).float()
-        sums["register_counts"] = torch.einsum("bhjn,bhj->hn", F.one_hot(top.indices, Nk).float(), above)
-        sums["register_key_mass"] = avg.sum(0)  # [H, Nk]
+        above = (top.values > 1 / n_keys).float()
+        sums["register_counts"] = torch.einsum("bhjn,bhj->hn", F.one_hot(top.indices, n_keys).float(), above)
+        sums["register_key_mass"] = avg.sum(0)  # [H, keys]
     if "correspondence" in kinds and correspondence is not None:
         match, overlap = correspondence.match.to(dev), correspondence.overlap.to(dev).float()
         if match.shape != (B, Nq) or overlap.shape != (B, Nq, Nk):
@@ -249,6 +258,8 @@ class UnitInfo:
         resid_hook: hook of the residual stream entering this layer for the key view (register
             norms), or ``None`` when the model declares no such probe site.
         resid_site: that probe site's name.
+        n_prefix: the site's special tokens before each view's patches (key indices of the
+            register statistics count them first).
     """
 
     site: AttentionSite
@@ -259,6 +270,7 @@ class UnitInfo:
     patch_size: int
     resid_hook: str | None = None
     resid_site: str | None = None
+    n_prefix: int = 0
 
     @property
     def key(self) -> tuple[str, int, int]:
@@ -270,7 +282,13 @@ class UnitInfo:
 
     @property
     def n_tokens(self) -> int:
+        """Patches of one view."""
         return self.grid[0] * self.grid[1]
+
+    @property
+    def n_keys(self) -> int:
+        """Keys of the block: the view's special tokens, then its patches."""
+        return self.n_prefix + self.n_tokens
 
 
 def _key_offsets(site: AttentionSite, n_views: int, per: int) -> dict[tuple[int, int], int]:
@@ -422,13 +440,13 @@ class HeadScorer:
         probes: list[ProbeSite] = []
         if "register" in self.config.kinds:
             probes = _call_sites(self.module.probe_sites, n_views, encoder_blocks=True)
-        per = grid[0] * grid[1]
         units = {}
         for site in sites:
+            per = site.n_prefix + grid[0] * grid[1]
             for (qv, kv), offset in _key_offsets(site, n_views, per).items():
                 resid = _input_residual(site, kv, probes) if probes else None
                 info = UnitInfo(site, qv, kv, offset, grid, self.module.patch_size,
-                                resid.hook if resid else None, resid.name if resid else None)
+                                resid.hook if resid else None, resid.name if resid else None, site.n_prefix)
                 units[info.key] = info
         return units
 
@@ -502,7 +520,8 @@ class HeadScorer:
             for (qv, kv), block in pattern_blocks(pattern, site, n_views).items():
                 unit = self.units[(site.name, qv, kv)]
                 stats = block_statistics(block, unit.grid, unit.patch_size, self.thresholds, cfg.kinds,
-                                         cfg.register_k, cfg.local_radius, targets.get((qv, kv)) if qv != kv else None)
+                                         cfg.register_k, cfg.local_radius, targets.get((qv, kv)) if qv != kv else None,
+                                         unit.n_prefix)
                 acc = self.sums.setdefault(unit.key, {})
                 for name, value in stats.sums.items():
                     acc[name] = acc[name] + value if name in acc else value.clone()
@@ -525,7 +544,7 @@ class HeadScorer:
         for key, (top, share) in top_keys.items():
             unit = self.units[key]
             n = norms.get(unit.resid_site)
-            if n is None or n.shape[-1] != unit.n_tokens:
+            if n is None or n.shape[-1] != unit.n_keys:
                 continue
             B, H, k = top.shape
             # attention-weighted, so keys that only fill the top-k set do not dilute the ratio
