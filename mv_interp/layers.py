@@ -174,6 +174,99 @@ class AttentionCore(nn.Module):
         return h.hook_z(rearrange(out, "batch head pos d_head -> batch pos head d_head"))
 
 
+def query_patterns(
+    q: Float[Tensor, "batch head q_pos d_head"],
+    k: Float[Tensor, "batch head k_pos d_head"],
+    scale: float,
+    queries: Int[Tensor, " n"] | Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+) -> Float[Tensor, "batch n_head n k_pos"]:
+    """``softmax(q kᵀ · scale)`` for the chosen query rows and heads only, in fp32.
+
+    ``q``, ``k`` are what the softmax sees (after qk-norm and RoPE: an attention's ``hook_rot_q`` /
+    ``hook_rot_k``). Memory is ``batch · heads · len(queries) · k_pos``, so a few hundred queries
+    of a many-view global attention cost what one view's full pattern would.
+    """
+    if heads is not None:
+        idx = torch.as_tensor(list(heads), dtype=torch.long, device=q.device)
+        q, k = q.index_select(1, idx), k.index_select(1, idx)
+    if queries is not None:
+        q = q.index_select(2, torch.as_tensor(queries, dtype=torch.long, device=q.device))
+    return ((q.float() @ k.float().transpose(-2, -1)) * scale).softmax(dim=-1)
+
+
+class QueryPatterns:
+    """Attention patterns of chosen queries (and heads), recorded while the forward stays on SDPA.
+
+    For each attention (named by its pattern hook, e.g. ``"decoder.dec_blocks.3.attn.hook_pattern"``)
+    the recorder hooks the attention's ``hook_rot_q`` (keeps the chosen query rows) and
+    ``hook_rot_k`` (computes their softmax against every key with :func:`query_patterns`), so the
+    explicit ``[batch, head, q_pos, k_pos]`` pattern is never built. ``queries`` index the pattern's
+    query axis (for a ``"global"`` site: the token of every view, view-major); ``None`` is every query.
+
+    >>> rec = QueryPatterns(model, {"decoder.dec_blocks.3.attn.hook_pattern": [0, 17, 40]}, heads=[0, 2])
+    >>> with model.hooks(rec.hooks()):
+    ...     model(*views)
+    >>> rec.patterns["decoder.dec_blocks.3.attn.hook_pattern"].shape   # [batch, 2, 3, k_pos]
+
+    ``on_pattern(pattern_hook, pattern)`` instead of storing: each pattern is handed over as soon as
+    it exists (what the head scorer does, so one pattern is alive at a time).
+    """
+
+    def __init__(self, model: nn.Module, queries: dict[str, Sequence[int] | Tensor | None],
+                 heads: Sequence[int] | dict[str, Sequence[int]] | None = None, on_pattern=None):
+        module = getattr(model, "_module", model)
+        self.patterns: dict[str, Tensor] = {}
+        self.on_pattern = on_pattern
+        self._hooks: list[tuple[str, object]] = []
+        self._q: dict[str, Tensor] = {}
+        for pattern_hook, qs in queries.items():
+            prefix, _, leaf = pattern_hook.rpartition(".")
+            if leaf != "hook_pattern":
+                raise ValueError(f"QueryPatterns takes pattern hook names (…attn.hook_pattern), got {pattern_hook!r}")
+            try:
+                core = module.get_submodule(prefix)
+            except AttributeError:
+                raise KeyError(f"no attention at {prefix!r} (from {pattern_hook!r})") from None
+            for need in ("hook_rot_q", "hook_rot_k"):
+                if not hasattr(core, need):
+                    raise ValueError(f"{prefix} has no {need}: QueryPatterns needs an attention with rot_q/rot_k hooks")
+            hs = heads.get(pattern_hook) if isinstance(heads, dict) else heads
+            q_idx = None if qs is None else torch.as_tensor(qs, dtype=torch.long)
+            scale_of = getattr(core, "logit_scale", lambda d: d**-0.5)
+            self._hooks.append((f"{prefix}.hook_rot_q", self._keep_q(pattern_hook, q_idx, hs)))
+            self._hooks.append((f"{prefix}.hook_rot_k", self._softmax(pattern_hook, hs, scale_of)))
+
+    def _keep_q(self, name: str, q_idx: Tensor | None, heads: Sequence[int] | None):
+        def hook(q: Tensor, hook) -> None:
+            if heads is not None:
+                q = q.index_select(1, torch.as_tensor(list(heads), dtype=torch.long, device=q.device))
+            if q_idx is not None:
+                if len(q_idx) and int(q_idx.max()) >= q.shape[2]:
+                    raise IndexError(f"{name}: query index {int(q_idx.max())} out of range for {q.shape[2]} queries")
+                q = q.index_select(2, q_idx.to(q.device))
+            self._q[name] = q.detach()
+
+        return hook
+
+    def _softmax(self, name: str, heads: Sequence[int] | None, scale_of):
+        def hook(k: Tensor, hook) -> None:
+            q, k = self._q.pop(name), k.detach()  # q: the chosen rows and heads already
+            if heads is not None:
+                k = k.index_select(1, torch.as_tensor(list(heads), dtype=torch.long, device=k.device))
+            pattern = query_patterns(q, k, scale_of(k.shape[-1]))
+            if self.on_pattern is not None:
+                self.on_pattern(name, pattern)
+            else:
+                self.patterns[name] = pattern
+
+        return hook
+
+    def hooks(self) -> list[tuple[str, object]]:
+        """``[(hook name, fn)]`` for ``model.hooks(...)`` / ``run_with_hooks(fwd_hooks=...)``."""
+        return list(self._hooks)
+
+
 class SelfAttention(AttentionCore):
     """Multi-head self-attention with one fused ``qkv`` projection (rows [q | k | v], head-major)."""
 

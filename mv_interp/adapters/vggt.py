@@ -82,8 +82,8 @@ class VGGTConfig(ConfigMixin):
     """Architecture of a VGGT model. The defaults are the official VGGT-1B (``VGGTConfig()``,
     ``load_model(..., config="vggt:1b")``); :meth:`from_upstream` reads upstream's per-part kwargs."""
 
-    img_size: tuple[int, int] = (518, 518)
-    """Training size (square); sets the DINO positional table to ``(img_size / patch_size)²`` rows.
+    img_size: int | tuple[int, int] = (518, 518)
+    """Training size (square; an int is read as ``(n, n)``, stored as a pair); sets the DINO positional table to ``(img_size / patch_size)²`` rows.
     Any multiple of ``patch_size`` runs."""
     patch_size: int = 14
     """Side of the square patches."""
@@ -723,6 +723,25 @@ class HookedVGGT(MultiViewModel):
         R = c.num_register_tokens
         return {"camera": (0,), "registers": tuple(range(1, 1 + R)),
                 "patches": tuple(range(1 + R, 1 + R + h * w))}
+
+    def global_token_index(self, group: str, n_views: int, frames: int | Sequence[int] | None = None,
+                           grid: tuple[int, int] | None = None) -> tuple[int, ...]:
+        """Indices of the ``group`` tokens (``"camera"``, ``"registers"``, ``"patches"``) of ``frames``
+        (1-based; ``None``: every frame) along the token axis of a global activation or pattern of a
+        forward on ``n_views`` frames — e.g. ``keys=`` of a knockout with no ``key_view``.
+
+        >>> model.global_token_index("registers", 3, frames=3, grid=(2, 3))   # P = 11
+        (23, 24, 25, 26)
+        """
+        groups = self.token_groups(grid)
+        if group not in groups:
+            raise KeyError(f"unknown token group {group!r}; groups: {sorted(groups)}")
+        frames = range(1, n_views + 1) if frames is None else ([frames] if isinstance(frames, int) else frames)
+        bad = [f for f in frames if not 1 <= f <= n_views]
+        if bad:
+            raise IndexError(f"frames {bad} outside 1..{n_views}")
+        P = sum(len(v) for v in groups.values())
+        return tuple((f - 1) * P + i for f in frames for i in groups[group])
 
     # -- names and sites ----------------------------------------------------------------
     _ATTN = {"q": "hook_q", "k": "hook_k", "v": "hook_v", "q_normed": "hook_q_normed", "k_normed": "hook_k_normed",
