@@ -214,3 +214,19 @@ def test_report_fast_on_a_vggt_checkpoint(tmp_path):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["model"] == "vggt"
     assert set(summary["steps"]) == {"probes", "evaluate", "heads", "knockout", "patching", "views"}
+
+
+def test_vggt_tour_example(tmp_path):
+    """examples/vggt_tour.py runs on a tiny random VGGT: register-style scores named by token group,
+    a camera-token knockout that moves the poses, a 4D lens view of 4 frames."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "vggt_tour.py"
+    spec = importlib.util.spec_from_file_location("vggt_tour", path)
+    tour = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tour)
+    res = tour.main(["--out", str(tmp_path), "--scenes", "1", "--device", "cpu"])
+    assert res["html"].is_file() and len(res["frames"]) == 2 + 4 * 4
+    assert all(len(f.views) == 4 for f in res["frames"])
+    assert res["pose_change"] > 0 and res["rows"]
