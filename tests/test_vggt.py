@@ -69,6 +69,21 @@ def test_reference_frame_has_its_own_special_tokens(tiny_vggt):
     assert not torch.allclose(o1[1]["pts3d"], o3[0]["pts3d"], atol=1e-4)
 
 
+def test_pt_state_dict_and_saved_directory_load_to_the_same_model(tiny_vggt, tmp_path):
+    m = tiny_vggt.module
+    fr = frames(tiny_vggt)
+    torch.save(m.state_dict(), tmp_path / "model.pt")  # upstream's model.pt: a plain state dict
+    from_pt = mv_interp.load_model(str(tmp_path / "model.pt"), config=m.config)
+    tiny_vggt.save_pretrained(tmp_path / "saved")
+    from_dir = mv_interp.load_model(str(tmp_path / "saved"))
+    with torch.no_grad():
+        ref = m(*fr)
+        for other in (from_pt, from_dir):
+            torch.testing.assert_close(other(*fr)[2]["pts3d"], ref[2]["pts3d"])
+    with pytest.raises(mv_interp.loading.CheckpointError, match="pass config="):
+        mv_interp.load_model(str(tmp_path / "model.pt"))
+
+
 def test_lenses(tiny_vggt):
     m = tiny_vggt.module
     fr = frames(tiny_vggt)

@@ -521,16 +521,14 @@ def uv_embedding(channels: int, h: int, w: int, aspect: float) -> Float[Tensor, 
     ``d = √(a² + 1)``), ``ω_k = 100^(-k / (c/4))``; coordinates fp32, sin/cos in fp64."""
     d = math.sqrt(aspect * aspect + 1)
     su, sv = aspect / d * (w - 1) / w, 1 / d * (h - 1) / h
-    u = torch.linspace(-su, su, w, dtype=torch.float32).double().numpy()
-    v = torch.linspace(-sv, sv, h, dtype=torch.float32).double().numpy()
     q = channels // 4
     omega = 1.0 / 100.0 ** (np.arange(q, dtype=np.float64) / q)
-    eu, ev = np.outer(u, omega), np.outer(v, omega)  # [w, q], [h, q]
-    emb = np.concatenate([
-        np.broadcast_to(np.sin(eu)[None], (h, w, q)), np.broadcast_to(np.cos(eu)[None], (h, w, q)),
-        np.broadcast_to(np.sin(ev)[:, None], (h, w, q)), np.broadcast_to(np.cos(ev)[:, None], (h, w, q)),
-    ], axis=-1)
-    return torch.from_numpy(emb.astype(np.float32)).permute(2, 0, 1)[None]
+    # separable: the u half depends on the column only, the v half on the row only
+    eu = np.outer(torch.linspace(-su, su, w, dtype=torch.float32).double().numpy(), omega).T  # [q, w]
+    ev = np.outer(torch.linspace(-sv, sv, h, dtype=torch.float32).double().numpy(), omega).T  # [q, h]
+    cols = torch.from_numpy(np.concatenate([np.sin(eu), np.cos(eu)]).astype(np.float32))  # [c/2, w]
+    rows = torch.from_numpy(np.concatenate([np.sin(ev), np.cos(ev)]).astype(np.float32))  # [c/2, h]
+    return torch.cat([cols[:, None, :].expand(-1, h, -1), rows[:, :, None].expand(-1, -1, w)])[None]
 
 
 class RectifiedRCU(nn.Module):
@@ -663,13 +661,12 @@ class HookedVGGT(MultiViewModel):
     def _init_tokens(self) -> None:
         # a randomly initialised model (tests, examples, the report's control) gets distinct special
         # tokens and positions, as upstream's initialisation does; checkpoints overwrite them
-        g = torch.Generator().manual_seed(0)
         dino, agg = self.aggregator.patch_embed, self.aggregator
         params = [dino.cls_token, dino.pos_embed, agg.camera_token, agg.register_token]
         params += [dino.register_tokens] if dino.register_tokens is not None else []
         with torch.no_grad():
             for prm in params:
-                prm.copy_(torch.randn(prm.shape, generator=g) * 0.02)
+                prm.copy_(torch.randn(prm.shape) * 0.02)
 
     # -- forward ----------------------------------------------------------------------
     def forward(self, *frames: Float[Tensor, "_batch 3 _H _W"]) -> tuple[dict, ...]:

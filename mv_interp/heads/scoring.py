@@ -189,8 +189,8 @@ def block_statistics(
     if Nq != n_rows or Nk != n_prefix + h * w:
         raise ValueError(
             f"block_statistics: a pattern block is {Nq}x{Nk} but the {h}x{w} patch grid has {h * w} tokens "
-            f"after {n_prefix} special tokens ({n_rows} query rows expected); declare the special tokens with the "
-            "site's n_prefix"
+            f"after {n_prefix} special tokens ({n_rows} query rows expected); the head scores need attention "
+            "between patch tokens only (declare extra tokens before the patches with the site's n_prefix)"
         )
     dev = pattern.device
     A_all = pattern.detach().float()  # patch queries, every key
