@@ -80,6 +80,8 @@ class ProbeSite:
         order: position along the processing path of this view (for curves and 4D views).
         d_model: width of the activation.
         layout: one of :data:`TOKEN_LAYOUTS`.
+        n_prefix: tokens before the patch grid in each view's tokens (camera, register or cls
+            tokens); the patches follow, row-major. :func:`patch_tokens` drops them.
     """
 
     name: str
@@ -91,6 +93,7 @@ class ProbeSite:
     order: int
     d_model: int
     layout: TokenLayout = "view"
+    n_prefix: int = 0
 
     def __post_init__(self) -> None:
         _check_choice(self, "kind", PROBE_KINDS)
@@ -98,6 +101,8 @@ class ProbeSite:
         _check_choice(self, "layout", TOKEN_LAYOUTS)
         if self.view < 1:
             raise ValueError(f"ProbeSite {self.name!r}: view={self.view!r} must be a 1-based view number")
+        if self.n_prefix < 0:
+            raise ValueError(f"ProbeSite {self.name!r}: n_prefix={self.n_prefix} must be >= 0")
 
     @property
     def is_residual(self) -> bool:
@@ -124,6 +129,8 @@ class AttentionSite:
             self-attention within each view) or ``"global"`` (``[batch, head, Σq, Σk]``:
             queries and keys are all views' tokens concatenated view-major). Split any of
             them into view-to-view blocks with :func:`pattern_blocks`.
+        n_prefix: tokens before the patch grid in each view's block of queries and keys
+            (camera, register or cls tokens); the view's patches follow, row-major.
     """
 
     name: str
@@ -137,6 +144,7 @@ class AttentionSite:
     key_views: tuple[int, ...]
     n_heads: int
     layout: AttentionLayout = "view"
+    n_prefix: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "key_views", tuple(self.key_views))
@@ -146,6 +154,8 @@ class AttentionSite:
         if self.layout == "view" and self.query_view < 1:
             raise ValueError(f"AttentionSite {self.name!r}: a 'view' layout site needs query_view ≥ 1, "
                              f"got {self.query_view}")
+        if self.n_prefix < 0:
+            raise ValueError(f"AttentionSite {self.name!r}: n_prefix={self.n_prefix} must be >= 0")
 
 
 def view_tokens(act: Tensor, site: ProbeSite, n_views: int) -> Tensor:
@@ -159,6 +169,13 @@ def view_tokens(act: Tensor, site: ProbeSite, n_views: int) -> Tensor:
         per = act.shape[1] // n_views
         return act[:, v * per : (v + 1) * per]
     raise ValueError(f"unknown token layout {site.layout!r}; expected one of {TOKEN_LAYOUTS}")
+
+
+def patch_tokens(act: Tensor, site: ProbeSite, n_views: int) -> Tensor:
+    """``[batch, h·w, d]`` patch tokens of ``site.view`` (:func:`view_tokens` without the view's
+    ``site.n_prefix`` special tokens)."""
+    tokens = view_tokens(act, site, n_views)
+    return tokens[:, site.n_prefix:] if site.n_prefix else tokens
 
 
 def pattern_blocks(pattern: Tensor, site: AttentionSite, n_views: int) -> dict[tuple[int, int], Tensor]:
@@ -331,6 +348,10 @@ class MultiViewModel(HookedRootModule):
                             f"dataclass deriving from mv_interp.adapters.base.ModelConfig), got "
                             f"{type(getattr(self, 'config', None)).__name__}; set self.config before setup()")
         super().setup()
+
+    #: glob patterns of hooks on tokens without a patch grid (VGGT's camera trunk: one token per
+    #: view), which are no probe or attention site; the conformity suite's site checks skip them
+    off_grid_hooks: ClassVar[tuple[str, ...]] = ()
 
     def default_n_views(self, n_views: int | None = None) -> int:
         """``n_views`` checked against :attr:`fixed_n_views` (default: the fixed number, else 2)."""

@@ -51,6 +51,11 @@ class ScoreConfig(ConfigMixin):
     """Radius in patches (Chebyshev) of the local neighbourhood: 1 is the 3×3 window."""
     sites: Sequence[str] | None = None
     """Only attention sites whose name matches one of these globs (``"dec*.cross.*"``); ``None``: all."""
+    max_queries: int | None = None
+    """Score at most this many query patches per view and batch (a seeded sample, new each batch)
+    instead of all: their attention rows are computed from q and k alone
+    (:class:`~mv_interp.layers.QueryPatterns`) while the forward stays on SDPA, so memory grows with
+    the queries, not with views². ``None`` (or at least the number of patches): every query."""
 
     def __post_init__(self) -> None:
         kinds = (self.kinds,) if isinstance(self.kinds, str) else tuple(self.kinds)
@@ -69,6 +74,8 @@ class ScoreConfig(ConfigMixin):
             raise ValueError(f"ScoreConfig.local_radius must be >= 0 patches, got {self.local_radius}")
         if self.sites is not None:
             object.__setattr__(self, "sites", (self.sites,) if isinstance(self.sites, str) else tuple(self.sites))
+        if self.max_queries is not None and self.max_queries < 1:
+            raise ValueError(f"ScoreConfig.max_queries must be >= 1 (or None for every query), got {self.max_queries}")
 
     def resolved_thresholds(self, patch_size: int) -> tuple[float, ...]:
         return self.thresholds_px if self.thresholds_px is not None else (0.0, float(patch_size), 2.0 * patch_size)
@@ -91,6 +98,8 @@ class UnitInfo:
         resid_hook: hook of the residual stream entering this layer for the key view (register
             norms), or ``None`` when the model declares no such probe site.
         resid_site: that probe site's name.
+        n_prefix: the site's special tokens before each view's patches (key indices of the
+            register statistics count them first).
     """
 
     site: AttentionSite
@@ -101,6 +110,7 @@ class UnitInfo:
     patch_size: int
     resid_hook: str | None = None
     resid_site: str | None = None
+    n_prefix: int = 0
 
     @property
     def key(self) -> tuple[str, int, int]:
@@ -112,7 +122,13 @@ class UnitInfo:
 
     @property
     def n_tokens(self) -> int:
+        """Patches of one view."""
         return self.grid[0] * self.grid[1]
+
+    @property
+    def n_keys(self) -> int:
+        """Keys of the block: the view's special tokens, then its patches."""
+        return self.n_prefix + self.n_tokens
 
 
 #: Labels a head can get (several at once; ``"other"`` when none applies).
@@ -214,8 +230,9 @@ class RegisterHead:
         pattern_hook / scores_hook: where to edit its attention (post- / pre-softmax).
         layout: the site's pattern layout (``"view"``, ``"stacked"``, ``"global"``).
         layer, stack, kind: the site's.
-        tokens: token indices of the key view's patch grid most often among a sample's top-k
-            keys, most frequent first (at most ``register_k``).
+        tokens: token indices within the key view's tokens (its ``n_prefix`` special tokens first,
+            then the patch grid) most often among a sample's top-k keys, most frequent first (at
+            most ``register_k``).
         frequency: for each token, the share of samples in which it was in the top-k set.
         pattern_key_index: the same tokens as indices along the pattern's key axis
             (``tokens + key_offset``).

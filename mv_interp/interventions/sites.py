@@ -293,14 +293,16 @@ def hook_info(model: ModelLike, name: str) -> HookInfo:
             layout = _SITE_TO_TOKEN_LAYOUT.get(site.layout, "view")
             if site.layout == "view":
                 views = tuple(site.key_views) if hook.key_side else (site.query_view,)
-            elif site.layout == "stacked":
+            elif site.layout == "stacked" and module.fixed_n_views is not None:
                 views = tuple(site.key_views)
-            else:  # global: as many views as the run has
+            else:  # global, or a model of any number of views: as many views as the run has
                 views = None
             return HookInfo(name, hook.axes, layout, views, site)
     probes = [s for s in module.probe_sites(encoder_blocks=True, sublayers=True) if s.hook == name]
     if probes:
-        views = None if probes[0].layout == "concat" else tuple(sorted({s.view for s in probes}))
+        # sites are declared for a default view count; a model of any number of views holds the run's
+        views = None if probes[0].layout == "concat" or module.fixed_n_views is None \
+            else tuple(sorted({s.view for s in probes}))
         return HookInfo(name, RESID_AXES, probes[0].layout, views)
     return HookInfo(name, None, "view", None, known=False)
 
