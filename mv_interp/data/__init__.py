@@ -14,6 +14,7 @@ from .capture import (CaptureDataset, CaptureError, MissingFileError, check_capt
                       read_view, write_capture)
 from .correspondence import patch_correspondences, pixel_correspondences
 from .dataset import SyntheticPairs, collate_views, split_views
+from .difficulty import pair_stats, pick_pairs
 from .geometry import VIEW_KEYS, complete_view
 from .habitat import convert_habitat
 from .raycast import render
@@ -25,5 +26,5 @@ __all__ = [
     "VIEW_KEYS", "CaptureDataset", "CaptureError", "MissingFileError", "Scene", "SceneConfig", "SyntheticPairs",
     "check_capture", "collate_views", "complete_view", "convert_habitat", "load_tuple", "patch_correspondences",
     "pixel_correspondences", "read_index", "read_view", "render", "render_views", "sample_cameras", "sample_scenes",
-    "split_views", "write_capture", "Views", "as_views",
+    "split_views", "write_capture", "Views", "as_views", "pair_stats", "pick_pairs",
 ]

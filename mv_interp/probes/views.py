@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.difficulty import pick_pairs  # noqa: F401  (its home before data.difficulty)
 from ..images import to_image
 from ..io import atomic_write
 from ..metrics import SKIP_KINDS, normalize_pointmaps
@@ -223,15 +224,3 @@ def write_4d(out_dir: str | os.PathLike, model: ModelLike, probes: ProbeSet | No
             f"{notes}\n{''.join(parts)}</body></html>\n")
     files["html"] = atomic_write(out / "probes_4d.html", lambda p: Path(p).write_text(page))
     return files
-
-
-def pick_pairs(views: Batch, labels: Sequence[str] = ("easy", "hard")) -> dict[str, Batch]:
-    """The pairs of a batch with the most (``"easy"``) and least (``"hard"``) overlap: the fraction of
-    view 2's valid pixels that have a visible correspondence in view 1."""
-    from ..data import pixel_correspondences
-
-    _, ok = pixel_correspondences(views[1], views[0])
-    frac = ok.flatten(1).float().sum(1) / views[1]["valid"].flatten(1).float().sum(1).clamp_min(1)
-    order = torch.argsort(frac, descending=True).tolist()
-    picks = {"easy": order[0], "hard": order[-1]}
-    return {lab: slice_batch(views, picks[lab], picks[lab] + 1) for lab in labels if lab in picks}

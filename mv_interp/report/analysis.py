@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..data.difficulty import pair_stats, pick_indices
 from ..data.views import Views
 from ..io import atomic_write, write_csv, write_json, write_text
 from ..probes.views import page_inputs
@@ -91,44 +92,6 @@ class _FirstTwoViews(torch.utils.data.Dataset):
         return list(self.dataset[self.indices[i]])[:2]
 
 
-def _pair_stats(views: Batch, batch_size: int) -> list[dict[str, Any]]:
-    from ..data import pixel_correspondences
-    from ..metrics import rotation_angle
-
-    stats = []
-    for s in range(0, Views(views).batch_size, batch_size):
-        v1, v2 = Views(views).slice(s, s + batch_size)
-        has_geometry = all(k in v for v in (v1, v2) for k in ("depth", "valid", "intrinsics", "cam2world"))
-        if not has_geometry:
-            stats += [{"overlap": math.nan, "rotation_deg": math.nan} for _ in range(v1["img"].shape[0])]
-            continue
-        _, ok = pixel_correspondences(v2, v1)
-        overlap = ok.flatten(1).float().sum(1) / v2["valid"].flatten(1).float().sum(1).clamp_min(1)
-        rot = rotation_angle(v1["cam2world"][:, :3, :3], v2["cam2world"][:, :3, :3])
-        stats += [{"overlap": float(o), "rotation_deg": float(r)} for o, r in zip(overlap.cpu(), rot.cpu())]
-    for i, s in enumerate(stats):
-        s["index"] = i
-    return stats
-
-
-def pick_examples(stats: Sequence[dict[str, Any]]) -> dict[str, int]:
-    """The easiest and the hardest pair: ranked by overlap (more is easier) and by relative
-    rotation (less is easier), the two ranks averaged (the paper's Figure 3 contrasts a pair with
-    large overlap and one seen from very different viewpoints)."""
-    n = len(stats)
-    overlap = np.array([s["overlap"] for s in stats], dtype=float)
-    rot = np.array([s["rotation_deg"] for s in stats], dtype=float)
-    if not np.isfinite(overlap).any():
-        return {"easy": 0, "hard": min(1, n - 1)}
-    overlap = np.nan_to_num(overlap, nan=0.0)
-    rot = np.nan_to_num(rot, nan=0.0)
-    difficulty = np.argsort(np.argsort(-overlap)) + np.argsort(np.argsort(rot))
-    easy, hard = int(np.argmin(difficulty)), int(np.argmax(difficulty))
-    if easy == hard:
-        hard = (easy + 1) % n
-    return {"easy": easy, "hard": hard}
-
-
 def prepare_pairs(model: ModelLike, cfg: ReportConfig, data: str | os.PathLike | None = None,
                   progress: bool = True) -> Pairs:
     """Render (or load) the held-out pairs and set up the probes' training data.
@@ -179,8 +142,8 @@ def prepare_pairs(model: ModelLike, cfg: ReportConfig, data: str | os.PathLike |
         describe = {"source": "capture", "path": str(root.resolve()), "tuples": n, "held_out": n_eval,
                     "index_mtime": index.stat().st_mtime if index.is_file() else None, "size": max(H, W),
                     "train_seed": cfg.seed}
-    stats = _pair_stats(views, bs)
-    return Pairs(views, train, describe, stats, pick_examples(stats))
+    stats = pair_stats(views, bs)
+    return Pairs(views, train, describe, stats, pick_indices(stats, by=("overlap", "rotation")))
 
 
 class _LazyPool:
