@@ -21,12 +21,12 @@ from .modules import GroupedMLP, ProbeBank
 from .probeset import ProbeSet, random_backbone
 from .sites import Location, group_locations, select_sites
 from .train import train_probes
-from .views import pick_pairs, plot_contributions, plot_curves, probe_frames, write_4d
+from .views import PairFrames, pair_frames, pick_pairs, plot_contributions, plot_curves, probe_frames, write_4d
 
 __all__ = [
     "EVAL_SEED", "PRESETS", "DatasetSource", "GroupedMLP", "Location", "ProbeBank", "ProbeSet", "ProbeSpec",
     "ProbeTable", "SyntheticSource", "TrainConfig", "depth_confidence_loss", "eval_pairs", "evaluate_probes",
-    "group_locations", "pick_pairs", "plot_contributions", "plot_curves", "pointmap_lens", "probe_frames",
+    "group_locations", "PairFrames", "pair_frames", "pick_pairs", "plot_contributions", "plot_curves", "pointmap_lens", "probe_frames",
     "probe_loss", "probe_spec", "random_backbone", "save_pairs", "select_sites", "train_probes", "write_4d",
     "TensorSource", "open_pairs",
 ]

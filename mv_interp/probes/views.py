@@ -14,6 +14,7 @@ from __future__ import annotations
 import html
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +182,44 @@ def page_inputs(pair: Batch) -> tuple[list[np.ndarray], list[np.ndarray], list[n
     return images, valid, [g[0].cpu().numpy() for g in gt]
 
 
+@dataclass
+class PairFrames:
+    """The 4D view of one pair: the probed pointmaps of every method at every site (frames), with
+    the pair's images, valid masks and ground truth. Built once by :func:`pair_frames`; drawn by
+    either renderer: :meth:`viewer_data` (the HTML slider viewer) or :meth:`write_rerun` (a rerun
+    recording)."""
+
+    images: list[np.ndarray]
+    valid: list[np.ndarray]
+    gt: list[np.ndarray]
+    methods: dict[str, list[Frame]]
+    """Frames per method: the probe kind (e.g. ``"mlp"``) and/or ``"lens"``, in that order."""
+
+    def viewer_data(self, method: str, title: str, max_points: int = 6000) -> dict[str, Any]:
+        """The HTML viewer's data for one method (:func:`mv_interp.viz.viewer_data`)."""
+        return viewer_data(self.methods[method], self.images, self.valid, self.gt, title=title, max_points=max_points)
+
+    def write_rerun(self, path: str | os.PathLike, method: str, app_id: str) -> Path:
+        """A rerun recording of one method's frames on the ``site`` timeline."""
+        from ..viz import write_rerun_recording
+
+        return write_rerun_recording(path, self.methods[method], self.images, self.valid, self.gt, app_id=app_id)
+
+
+def pair_frames(model: ModelLike, probes: ProbeSet | None, pair: Batch, kind: str = "mlp",
+                lens: bool = True) -> PairFrames:
+    """The one 4D-frames builder: the first pair of ``pair`` decoded at every site by the trained
+    probes of ``kind`` (when ``probes`` is given) and by the pointmap lens (``lens``)."""
+    pair = _pair(pair)
+    images, valid, gt = page_inputs(pair)
+    methods: dict[str, list[Frame]] = {}
+    if probes is not None:
+        methods[kind] = probe_frames(model, probes, pair, kind)
+    if lens:
+        methods[LENS] = probe_frames(model, probes, pair, lens=True)
+    return PairFrames(images, valid, gt, methods)
+
+
 def write_4d(out_dir: str | os.PathLike, model: ModelLike, probes: ProbeSet | None, pairs: Mapping[str, Batch],
              kind: str = "mlp", lens: bool = True, rerun: bool = True, max_points: int = 6000,
              title: str = "Probed pointmaps through the network") -> dict[str, Path]:
@@ -194,26 +233,15 @@ def write_4d(out_dir: str | os.PathLike, model: ModelLike, probes: ProbeSet | No
     files: dict[str, Path] = {}
     parts = []
     for label, pair in pairs.items():
-        pair = _pair(pair)
-        images, valid, gt = page_inputs(pair)
-        methods = []
-        if probes is not None:
-            methods.append((kind, probe_frames(model, probes, pair, kind)))
-        if lens:
-            methods.append((LENS, probe_frames(model, probes, pair, lens=True)))
-        for method, frames in methods:
-            data = viewer_data(frames, images, valid, gt, title=f"{label} pair · {method}", max_points=max_points)
+        four = pair_frames(model, probes, pair, kind, lens)
+        for method, frames in four.methods.items():
+            data = four.viewer_data(method, title=f"{label} pair · {method}", max_points=max_points)
             parts.append(viewer_fragment(data, f"mvv-{label}-{method}"))
         if rerun:
-            from ..viz import write_rerun_recording
-
-            frames = methods[0][1]
-            files[f"rrd_{label}"] = write_rerun_recording(out / f"pair_{label}.rrd", frames, images, valid, gt,
-                                                          app_id=f"mv_interp_probes_{label}")
-            if len(methods) > 1:
-                files[f"rrd_{label}_lens"] = write_rerun_recording(out / f"pair_{label}_lens.rrd", methods[1][1],
-                                                                   images, valid, gt,
-                                                                   app_id=f"mv_interp_probes_{label}_lens")
+            for i, method in enumerate(four.methods):
+                suffix = "" if i == 0 else "_lens"
+                files[f"rrd_{label}{suffix}"] = four.write_rerun(out / f"pair_{label}{suffix}.rrd", method,
+                                                                 app_id=f"mv_interp_probes_{label}{suffix}")
     notes = (f"<h2>{html.escape(title)}</h2><p>Each viewer steps through the probe locations in processing order "
              "(slider or arrow keys); drag to rotate. Points are coloured by their pixel; tick 'ground truth' to "
              "overlay it in grey. "

@@ -501,26 +501,21 @@ def patching_step(model: ModelLike, pairs: Pairs, cfg: ReportConfig, out: Path, 
 def views_step(model: ModelLike, pairs: Pairs, cfg: ReportConfig, out: Path, progress: bool) -> tuple[list, dict]:
     from PIL import Image
 
-    from ..probes import ProbeSet, probe_frames
-    from ..viz import viewer_data, write_rerun_recording
+    from ..probes import ProbeSet, pair_frames
 
     module = as_module(model)
     probes = ProbeSet.load(out / "probes" / "model", device=module.device)
     d = out / "views"
     files, info = [], {}
     for label in _tqdm(list(pairs.examples), progress, desc="4D views", unit="pair"):
-        pair = pairs.pair(label)
-        images, valid, gt = page_inputs(pair)
-        for v, img in enumerate(images, start=1):
+        four = pair_frames(model, probes, pairs.pair(label), kind=PROBE_KIND, lens=True)
+        for v, img in enumerate(four.images, start=1):
             files.append(atomic_write(d / f"pair_{label}_view{v}.png",
                                       lambda p, img=img: Image.fromarray(img).save(p, format="PNG")))
-        methods = {PROBE_KIND: probe_frames(model, probes, pair, kind=PROBE_KIND),
-                   "lens": probe_frames(model, probes, pair, lens=True)}
-        for method, frames in methods.items():
+        for method in four.methods:
             title = f"{label} pair · {'probes' if method == PROBE_KIND else 'pointmap lens'}"
-            data = viewer_data(frames, images, valid, gt, title=title, max_points=cfg.max_points)
+            data = four.viewer_data(method, title=title, max_points=cfg.max_points)
             files.append(write_json(d / f"viewer_{label}_{method}.json", data))
-        files.append(write_rerun_recording(d / f"pair_{label}.rrd", methods[PROBE_KIND], images, valid, gt,
-                                           app_id=f"mv_interp_report_{label}"))
+        files.append(four.write_rerun(d / f"pair_{label}.rrd", PROBE_KIND, app_id=f"mv_interp_report_{label}"))
         info[label] = dict(pairs.stats[pairs.examples[label]])
     return files, info
