@@ -89,3 +89,15 @@ def test_agreement_with_the_paper():
     assert agreement(Interval(math.nan, math.nan, math.nan), side="above")[0] == "not measurable here"
     assert agreement(Interval(0.4, 0.35, 0.45), band=(1 / 3, 0.5))[0] == "agree"
     assert agreement(Interval(0.1, 0.0, 0.2), band=(1 / 3, 0.5))[0] == "disagree"
+
+
+def test_register_verdict_needs_the_positive_control():
+    from mv_interp.report.verdicts import register_verdict
+
+    none = Interval(0.001, -0.002, 0.004)
+    strong = Interval(0.2, 0.1, 0.3)
+    assert "as in the paper" in register_verdict(none, strong).reason
+    assert "cannot show an effect" in register_verdict(none, Interval(0.0, -0.01, 0.01)).reason
+    assert "carry information" in register_verdict(Interval(0.05, 0.02, 0.08), strong).reason
+    assert register_verdict(none, None).status == "not measurable"
+    assert not register_verdict(none, strong).supported  # a "no effect" reading is never a green card

@@ -12,10 +12,13 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ..stats import NAN, Interval
 from . import html as H
 from .html import esc, fmt, pct
+from .verdicts import Verdict, agreement, judge, register_verdict
 
-SECTIONS = (("summary", "At a glance"), ("geometry", "4D: geometry through the network"),
+SECTIONS = (("summary", "At a glance"), ("paper", "The paper side by side"),
+            ("geometry", "4D: geometry through the network"),
             ("probes", "Probe errors per site"), ("heads", "Attention heads"), ("attention", "Attention maps"),
             ("knockout", "Register knockout"), ("patching", "Activation patching"), ("run", "Run details"))
 
@@ -44,106 +47,253 @@ def _f(v: Any) -> float:
         return math.nan
 
 
-def trend(values: list[float]) -> dict[str, Any]:
-    """Does an error series fall along the network? First, last, the share of steps that go down,
-    and the rank correlation (Spearman) between position and error (−1 = falls monotonically)."""
-    vals = [v for v in values if math.isfinite(v)]
-    if len(vals) < 2:
-        return {"first": math.nan, "last": math.nan, "down_share": math.nan, "spearman": math.nan, "falls": False}
-    n = len(vals)
-    ranks = sorted(range(n), key=lambda i: vals[i])
-    r = [0.0] * n
-    for pos, i in enumerate(ranks):
-        r[i] = float(pos)
-    mx = (n - 1) / 2
-    cov = sum((i - mx) * (r[i] - mx) for i in range(n))
-    var = sum((i - mx) ** 2 for i in range(n))
-    rho = cov / var if var else math.nan
-    down = sum(b < a for a, b in zip(vals, vals[1:])) / (n - 1)
-    return {"first": vals[0], "last": vals[-1], "min": min(vals), "down_share": down, "spearman": rho,
-            "falls": vals[-1] < vals[0] and rho < -0.5}
-
-
 # --------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------
 
 
+def _iv(d: Any) -> Interval:
+    return Interval.from_dict(d) if isinstance(d, dict) else NAN
+
+
+def ci(iv: Interval, as_pct: bool = False, signed: bool = False) -> str:
+    """``0.703 [0.690, 0.716]``: a number with its 95 % interval (``–`` where there is none)."""
+    if not math.isfinite(iv.estimate):
+        return "–"
+    f = (lambda v: pct(v, signed)) if as_pct else (lambda v: (f"{v:+.3f}" if signed else fmt(v)))
+    band = f" <span class=ci>[{f(iv.low)}, {f(iv.high)}]</span>" if iv.finite else " <span class=ci>[no interval]</span>"
+    return f"{f(iv.estimate)}{band}"
+
+
+def _flags(ctx: dict) -> tuple[str | None, str | None]:
+    """(smoke flag for every card, flag for the probe-based cards: smoke or non-converged probes)."""
+    cfg = ctx.get("config", {})
+    smoke = "a --fast smoke run" if cfg.get("smoke") else None
+    probe = smoke or ("probes that did not converge" if any("did not converge" in r for r in ctx.get("smoke", []))
+                      else None)
+    return smoke, probe
+
+
+def _card(key: str, value: str, detail: str, v: Verdict | None = None) -> str:
+    if v is not None:
+        detail += f'<div class="verdict {v.status.replace(" ", "-")}">{esc(v.reason)}</div>'
+    return H.stat(key, value, detail, v.css if v is not None else "")
+
+
 def _summary(ctx: dict, out: Path) -> tuple[str, dict]:
-    metrics = _load(out / "probes" / "eval" / "metrics.json")
-    heads = ctx["records"].get("heads", {}).get("info", {})
-    ko = ctx["records"].get("knockout", {}).get("info", {})
-    patch = ctx["records"].get("patching", {}).get("info", {})
+    records = ctx["records"]
+    pi = _load(out / "probes" / "eval" / "intervals.json") if "evaluate" in records else None
+    metrics = _load(out / "probes" / "eval" / "metrics.json") if "evaluate" in records else None
+    hi = _load(out / "heads" / "intervals.json") or {}
+    heads = records.get("heads", {}).get("info", {})
+    ko = records.get("knockout", {}).get("info", {})
+    patch = records.get("patching", {}).get("info", {})
+    smoke, probe_flag = _flags(ctx)
     cards, facts = [], {}
-    if metrics:
-        e2 = _series(metrics, "mlp", "e2_aligned_v2")
-        locs = _locations(metrics)
-        t = trend(e2)
-        facts["e2_trend"] = t
-        i_in = locs.index("dec_in") if "dec_in" in locs else 0
-        cards.append(H.stat("aligned view-2 error (probes)", f"{fmt(e2[i_in])} → {fmt(e2[-1])}",
-                            f"decoder input → {esc(locs[-1])}; falls at {pct(t['down_share'], False)} of the steps "
-                            f"(Spearman ρ = {fmt(t['spearman'], 2)})", "good" if t["falls"] else "warn"))
-        e1 = _series(metrics, "mlp", "e1_v2")
-        t1 = trend(e1)
-        facts["e1_v2_trend"] = t1
-        cards.append(H.stat("view-2 error in view 1's frame", f"{fmt(e1[0])} → {fmt(e1[-1])}",
-                            f"{esc(locs[0])} → {esc(locs[-1])}: the relative pose being resolved",
-                            "good" if t1["falls"] else "warn"))
-        contrib = metrics.get("contributions", {}).get("mlp")
-        if contrib:
-            bk = contrib["by_kind"]
-            parts = ", ".join(f"{k} {pct(v['total_rel_to_input'])}" for k, v in bk.items())
-            facts["by_kind"] = {k: v["total_rel_to_input"] for k, v in bk.items()}
-            cards.append(H.stat("who fixes view 2's shape (Figure 4)", parts.split(", ")[0] if parts else "–",
-                                f"change of the decoder-input error by skip kind: {esc(parts)} "
-                                "(paper's DUSt3R: self −94%, cross +11%, MLP +7%)"))
-        ctl = _series(metrics, "control_mlp", "e2_aligned_v2")
-        if any(math.isfinite(v) for v in ctl):
-            last = max((i for i, v in enumerate(ctl) if math.isfinite(v)))
-            cards.append(H.stat("probe vs random-backbone control", f"{fmt(e2[last])} vs {fmt(ctl[last])}",
-                                f"aligned view-2 error at {esc(locs[last])}: what the trained model's state holds "
-                                "beyond what a probe infers from a randomly featurised patch"))
-    best = heads.get("best_per_layer") or []
+    no_gt = "needs ground truth (depth and cameras): run on synthetic rooms or with --data"
+    if pi and metrics:
+        trends = pi.get("trends", {}).get("mlp", {})
+        for m, key, gloss in (("e2_aligned_v2", "aligned view-2 error (probes)", "view 2's shape"),
+                              ("e1_v2", "view-2 error in view 1's frame", "shape and relative pose")):
+            t = trends.get(m)
+            if not t:
+                continue
+            change = _iv(t["change"])
+            v = judge({t["from"]: change}, "below", smoke=probe_flag, what=f"the error at {t['to']}")
+            facts[f"{m}_trend"] = {"from": t["from"], "to": t["to"], "start": t["start"], "end": t["end"],
+                                   "change": t["change"], "verdict": v.to_dict()}
+            cards.append(_card(key, f"{fmt(t['start']['estimate'])} → {fmt(t['end']['estimate'])}",
+                               f"{esc(t['from'])} → {esc(t['to'])} ({gloss}); change {ci(change, signed=True)}", v))
+        contrib = pi.get("contributions", {}).get("mlp")
+        if contrib and contrib.get("by_kind"):
+            bk = {k: _iv(x["total_rel_to_input"]) for k, x in contrib["by_kind"].items()}
+            best = min(bk, key=lambda k: bk[k].estimate if math.isfinite(bk[k].estimate) else math.inf)
+            v = judge({"no change": bk[best]}, "below", smoke=probe_flag, what=f"the {best} skips' total")
+            facts["by_kind"] = {k: iv.to_dict() for k, iv in bk.items()}
+            facts["fixes_most"] = {"kind": best, "verdict": v.to_dict()}
+            parts = "; ".join(f"{k} {ci(iv, True, True)}" for k, iv in bk.items())
+            cards.append(_card("who fixes view 2's shape (Figure 4)", f"{esc(best)} {pct(bk[best].estimate)}",
+                               f"total change of the decoder-input error by skip kind: {parts}", v))
+        gap = (pi.get("control_gap") or {}).get("mlp")
+        if gap:
+            change = _iv(gap["change"])
+            v = judge({"the random-backbone control": change}, "below", smoke=probe_flag,
+                      what="the trained model's probe error")
+            facts["control_gap"] = {**gap, "verdict": v.to_dict()}
+            cards.append(_card("probe vs random-backbone control",
+                               f"{fmt(gap['probe']['estimate'])} vs {fmt(gap['control_error']['estimate'])}",
+                               f"aligned view-2 error at {esc(gap['location'])}: difference {ci(change, signed=True)}",
+                               v))
+    elif ctx.get("photos"):
+        cards.append(_card("probe errors along the network", "–", f"{no_gt}; the 4D view below shows the pointmap "
+                                                                   "lens on your photos"))
+    best = [b for b in hi.get("best_per_layer", []) if math.isfinite(_iv(b.get("recall_ci")).estimate)]
     if best:
         px = heads.get("primary_px", 16)
         key = f"{px:g}px"
         b = max(best, key=lambda b: b["recall"].get(key, 0))
-        facts["best_head"] = b
-        cards.append(H.stat("best correspondence head (Figure 5)", f"{pct(b['recall'][key], False)}",
-                            f"{esc(b['site'])} h{b['head']}: argmax within {key} of the true patch "
-                            f"(uniform attention {pct(b['chance'][key], False)}, same position "
-                            f"{pct(b['same_position'][key], False)})", "good"))
+        v = judge({"same position": _iv(b["vs_same_position"]), "uniform attention": _iv(b["vs_uniform"])}, "above",
+                  smoke=smoke, what=f"{b['site']} h{b['head']}")
+        facts["best_head"] = {**b, "verdict": v.to_dict()}
+        cards.append(_card("best correspondence head (Figure 5)", ci(_iv(b["recall_ci"]), as_pct=True),
+                           f"{esc(b['site'])} h{b['head']}: argmax within {key} of the true patch; same position "
+                           f"{pct(b['same_position'][key], False)} (margin {ci(_iv(b['vs_same_position']), True, True)}),"
+                           f" uniform attention {pct(b['chance'][key], False)}", v))
+    elif heads and not heads.get("n_pairs_with_geometry", 1):
+        cards.append(_card("best correspondence head (Figure 5)", "–", no_gt))
     if heads.get("counts"):
         c = heads["counts"]
         cards.append(H.stat("head labels", f"{c.get('correspondence', 0)} · {c.get('register', 0)} · "
                                            f"{c.get('local', 0)}",
-                            f"correspondence · register · local, of {heads.get('n_heads')} scored head blocks"))
+                            f"correspondence · register · local, of {heads.get('n_heads')} scored head blocks"
+                            + ("" if heads.get("n_pairs_with_geometry", 1) else " (correspondence needs ground truth)")))
     if ko.get("summary"):
-        s = ko["summary"]
-        e2c = s["clean"]["model_output"].get("e2_aligned_v2")
-        e2k = s["registers"]["model_output"].get("e2_aligned_v2")
-        e2r = s["random_tokens"]["model_output"].get("e2_aligned_v2")
-        rel = (e2k - e2c) / e2c if e2c else math.nan
-        facts["knockout_rel"] = rel
-        cards.append(H.stat("register knockout (Appendix G)", pct(rel),
-                            f"change of the model's aligned view-2 error ({fmt(e2c)} → {fmt(e2k)}; random tokens: "
-                            f"{fmt(e2r)}) — {esc(ko['site'])} heads {ko['heads']}"))
+        iv = ko.get("intervals", {})
+        contrasts = iv.get("contrasts", {})
+        measure = "e2_aligned_v2" if "e2_aligned_v2" in iv else "moved"
+        words = "the model's aligned view-2 error" if measure == "e2_aligned_v2" else "the model's output"
+        rv = register_verdict(_iv(contrasts.get("registers_vs_random_tokens", {}).get(measure)),
+                              _iv(contrasts["positive_vs_registers"][measure])
+                              if "positive_vs_registers" in contrasts else None, words)
+        if smoke:
+            rv = Verdict("smoke", f"{smoke}: not judged")
+        moved = iv.get("moved", {})
+        facts["knockout"] = {"intervals": iv, "verdict": rv.to_dict()}
+        if measure == "e2_aligned_v2":
+            e2 = iv["e2_aligned_v2"]
+            value = ci(_iv(e2["registers"]["vs_clean"]), signed=True)
+            detail = (f"change of the model's aligned view-2 error (clean {fmt(e2['clean']['mean']['estimate'])}); "
+                      f"random tokens {ci(_iv(e2['random_tokens']['vs_clean']), signed=True)}")
+            if "positive" in e2:
+                detail += f"; positive control {ci(_iv(e2['positive']['vs_clean']), signed=True)}"
+        else:
+            value = ci(_iv(moved.get("registers", {}).get("mean")))
+            detail = (f"distance of the output to the clean one; random tokens "
+                      f"{ci(_iv(moved.get('random_tokens', {}).get('mean')))}")
+            if "positive" in moved:
+                detail += f"; positive control {ci(_iv(moved['positive']['mean']))}"
+        cards.append(_card("register knockout (Appendix G)", value,
+                           detail + f" — {esc(ko['site'])} heads {ko['heads']}", rv))
     site = (patch.get("sweeps") or {}).get("site")
     if site and site.get("best"):
         b = site["best"][0]
         cards.append(H.stat("patching: most restoring site", f"{pct(1 - b['value'], False)}",
                             f"of the clean output restored by patching {esc(b['site'])} of block {b['layer']} "
-                            "alone (clean pair into a pair with another view 2)"))
+                            f"alone ({len(patch.get('pairs', []))} pair(s), averaged: no interval)"))
     body = f'<div class="stats">{"".join(cards)}</div>'
-    if "e2_trend" in facts:
-        t = facts["e2_trend"]
-        verdict = ("falls along the decoder, as in the paper" if t["falls"] else
-                   "does not fall steadily along the decoder here")
-        body += (f'<p>The probes\' aligned view-2 error {verdict}: {fmt(t["first"])} at the first probed site, '
-                 f'{fmt(t["last"])} at the last (lowest {fmt(t["min"])}). Errors are in units of the ground truth\'s '
-                 "mean distance to view 1's camera (0 = perfect).</p>")
+    body += ('<p class="muted">Every interval is a 95 % percentile bootstrap over the held-out pairs '
+             f'({ctx.get("config", {}).get("bootstrap", "")} replicates, seeded: the same run gives the same intervals; '
+             "<code>intervals.csv</code> beside each table). A card is green only when its interval supports the claim "
+             "against the named baseline; otherwise it says why. Errors are in units of the ground truth's mean "
+             "distance to view 1's camera (0 = perfect).</p>")
     return body, facts
+
+
+def banner(reasons: list[str]) -> str:
+    """The smoke-run banner: the page's numbers are not meaningful, and what to raise."""
+    if not reasons:
+        return ""
+    items = "".join(f"<li>{esc(r)}</li>" for r in reasons)
+    return (f'<div class="banner" id="smoke-banner" role="alert"><b>These numbers are not meaningful yet.</b>'
+            f"<ul>{items}</ul>No card is green while this shows.</div>")
+
+
+PAPER_CONTRIBUTIONS = (("self", -0.94, "below"), ("cross", 0.11, "above"), ("mlp", 0.07, "above"))
+
+
+def _count_row(hi: dict, label: str, kind: str, layer_rank: int, same_view: bool) -> dict | None:
+    rows = [r for r in hi.get("counts", []) if r["label"] == label and r["stack"] == "dec" and r["kind"] == kind
+            and r["query_view"] == 2 and (r["key_view"] == 2) == same_view]
+    layers = sorted({r["layer"] for r in rows})
+    if len(layers) <= layer_rank:
+        return None
+    return next(r for r in rows if r["layer"] == layers[layer_rank])
+
+
+def paper_rows(ctx: dict, out: Path) -> list[dict[str, Any]]:
+    """The paper's quantitative claims beside this run's figure, its interval and the agreement."""
+    records = ctx["records"]
+    pi = _load(out / "probes" / "eval" / "intervals.json") if "evaluate" in records else None
+    hi = _load(out / "heads" / "intervals.json") or {}
+    heads = records.get("heads", {}).get("info", {})
+    smoke, probe_flag = _flags(ctx)
+    no_gt = "needs ground truth (depth and cameras)"
+    rows = []
+
+    def row(claim: str, paper: str, iv: Interval | None, status: str, reason: str, as_pct: bool = True,
+            signed: bool = True, run: str | None = None, flag: str | None = None) -> None:
+        if flag and status in ("agree", "disagree", "inconclusive"):
+            status, reason = "not judged", f"{flag}: {reason}"
+        rows.append({"claim": claim, "paper": paper, "run": run if run is not None else
+                     (ci(iv, as_pct, signed) if iv is not None else "–"), "status": status, "reason": reason,
+                     "interval": iv.to_dict() if iv is not None else None})
+
+    contrib = (pi or {}).get("contributions", {}).get("mlp", {}).get("by_kind", {})
+    for kind, value, side in PAPER_CONTRIBUTIONS:
+        claim = f"{kind} skips change the decoder-input aligned view-2 error by (total over blocks, Fig. 4)"
+        if kind in contrib:
+            iv = _iv(contrib[kind]["total_rel_to_input"])
+            status, reason = agreement(iv, side=side)
+            row(claim, pct(value), iv, status, reason + " (the sign is compared; sizes differ by model and data)",
+                flag=probe_flag)
+        else:
+            row(claim, pct(value), None, "not measurable here", no_gt if ctx.get("photos") else "no contributions")
+    claim = "best correspondence head's recall rises from ≈40 % at the decoder input to > 60 % after six blocks (Fig. 5)"
+    groups = [b for b in hi.get("best_per_layer", []) if b.get("group_change")]
+    pick = [b for b in groups if b["kind"] == "cross" and b["query_view"] == 2] or groups
+    if pick:
+        g = pick[0]["group_change"]
+        same = [b for b in pick if (b["stack"], b["kind"], b["query_view"], b["key_view"]) ==
+                (pick[0]["stack"], pick[0]["kind"], pick[0]["query_view"], pick[0]["key_view"])]
+        first = next(b for b in same if b["layer"] == g["from_layer"])
+        end = next(b for b in same if b["layer"] == g["to_layer"])
+        iv = _iv(g["change"])
+        status, reason = agreement(iv, side="above")
+        note = "" if g["layers"] >= 6 else f" (this model has {g['layers']} such layers: compared at the last)"
+        row(claim, "+20 points or more", iv, status, reason + note, flag=smoke,
+            run=f"{ci(_iv(first['recall_ci']), True)} → {ci(_iv(end['recall_ci']), True)}; change {ci(iv, True, True)}")
+    else:
+        row(claim, "≈40 % → > 60 %", None, "not measurable here",
+            no_gt if not heads.get("n_pairs_with_geometry", 1) else "no cross-view attention with two or more layers")
+    for label, kind, rank, same_view, paper_n, claim in (
+            ("correspondence", "cross", 0, False, 5,
+             "≈ 5 of 12 heads of decoder block 1's cross-attention are correspondence heads"),
+            ("register", "self", 1, True, 4, "4 of 12 heads of decoder block 2's (view-2) self-attention are "
+                                             "register heads")):
+        r = _count_row(hi, label, kind, rank, same_view)
+        if r is None:
+            why = no_gt if label == "correspondence" and not heads.get("n_pairs_with_geometry", 1) else \
+                f"no decoder {kind}-attention block {rank + 1} scored for {label}"
+            row(claim, f"{paper_n}/12", None, "not measurable here", why)
+            continue
+        n = r["n_heads"]
+        share = _iv(r).scaled(1 / n)
+        status, reason = agreement(share, band=((paper_n - 1) / 12, (paper_n + 1) / 12))
+        row(claim, f"{paper_n}/12 = {pct(paper_n / 12, False)}", share, status,
+            reason + f" (paper ± 1 head, as a share of the block's {n} heads; {r['site']})", flag=smoke,
+            run=f"{fmt(r['estimate'], 0)}/{n} heads; share {ci(share, True)}")
+    return rows
+
+
+def _paper(ctx: dict, out: Path, rows: list[dict]) -> str:
+    body = H.howto(
+        "Each quantitative claim of <i>Understanding Multi-View Transformers</i> (on DUSt3R ViT-Large, HM3D) beside "
+        "this run's figure with its 95 % interval. <b>agree</b>: the whole interval lies on the paper's side (or in "
+        "its range); <b>disagree</b>: entirely on the other side; <b>inconclusive</b>: the interval straddles; "
+        "<b>not measurable here</b>: this run has no such number (no ground truth, no such block); <b>not "
+        "judged</b>: a smoke run or unconverged probes.")
+
+    def cell(k: str, v: Any, r: dict) -> str | None:
+        if k == "status":
+            return f'<span class="agree {esc(str(v).replace(" ", "-"))}">{esc(v)}</span>'
+        if k == "run":
+            return str(v)
+        return None
+
+    body += H.table(rows, [("claim", "the paper's claim"), ("paper", "paper"), ("run", "this run (95 % interval)"),
+                           ("status", "verdict"), ("reason", "why")], "paper-table",
+                    text_columns=("claim", "paper", "run", "status", "reason"), cell=cell, height=None)
+    return body
 
 
 def _viewer(out: Path, path: Path, element_id: str) -> str:
@@ -458,8 +608,12 @@ def build_page(ctx: dict, out: Path) -> tuple[str, dict]:
     from ..viz import viewer_assets
 
     summary, facts = _summary(ctx, out)
+    facts["paper"] = paper_rows(ctx, out)
+    facts["smoke"] = list(ctx.get("smoke", []))
     parts = {
         "summary": ("At a glance", "The headline numbers of every analysis below.", summary),
+        "paper": ("The paper side by side", "Each of the paper's quantitative claims against this run.",
+                  _paper(ctx, out, facts["paper"])),
         "geometry": ("4D: geometry through the network",
                      "Probed pointmaps of both views at every site, for an easy and a hard pair (the paper's Figure 3).",
                      _geometry(ctx, out)),
@@ -484,7 +638,9 @@ def build_page(ctx: dict, out: Path) -> tuple[str, dict]:
     chips = [f"model <b>{esc(model['name'])}</b> ({esc(model.get('family', ''))}, "
              f"{model.get('parameters', 0) / 1e6:.1f} M parameters, input {esc('×'.join(map(str, model.get('img_size', []))))})",
              f"data: {esc(_data_label(ctx['data']))}",
-             f"{ctx['config']['pairs']} held-out pairs", f"device {esc(ctx['environment'].get('device', ''))}",
+             (f"{ctx.get('pairs_used')} photo pair(s), no ground truth" if ctx.get("photos") else
+              f"{ctx.get('pairs_used', ctx['config']['pairs'])} held-out pairs"),
+             f"device {esc(ctx['environment'].get('device', ''))}",
              f"{fmt(ctx['timings'].get('total'), 0)} s"]
     head = (f'<header class="hero"><div class="wrap"><div class="sub">mv_interp report · '
             f'{esc(ctx.get("created", ""))}</div><h1>Inside {esc(model["name"])}: how a multi-view transformer builds '
@@ -495,7 +651,8 @@ def build_page(ctx: dict, out: Path) -> tuple[str, dict]:
     page = ("<!doctype html>\n<html lang='en'><head><meta charset='utf-8'>"
             "<meta name='viewport' content='width=device-width, initial-scale=1'>"
             f"<title>mv_interp report · {esc(model['name'])}</title><style>{H.CSS}</style>\n{viewer_assets()}</head>\n"
-            f"<body>{head}<nav class='toc'><div class='wrap'>{nav}</div></nav><main class='wrap'>{body}</main>"
+            f"<body>{head}<nav class='toc'><div class='wrap'>{nav}</div></nav><main class='wrap'>"
+            f"{banner(list(ctx.get('smoke', [])))}{body}</main>"
             "<footer class='wrap'>Made by <code>mv-interp report</code>. Everything on this page is inline; it opens "
             "from disk without a network. Figures are also PNG files, tables CSV/JSON, in the output folder.</footer>"
             f"<div id='lightbox'><img alt=''></div><script>{H.JS}</script></body></html>\n")

@@ -143,3 +143,35 @@ def agreement(iv: Interval, *, side: str | None = None, band: tuple[float, float
     if iv.high < lo or iv.low > hi:
         return "disagree", f"the interval lies outside the paper's range [{lo:.3g}, {hi:.3g}]"
     return "inconclusive", f"the interval overlaps the paper's range [{lo:.3g}, {hi:.3g}] but is not inside it"
+
+
+def register_verdict(registers_vs_random: Interval, positive_vs_registers: Interval | None,
+                     measure: str = "the output's change") -> Verdict:
+    """The register knockout read against both controls (intervals of paired differences of
+    ``measure`` — how far the model's output moves, or its error — over the same pairs).
+
+    - The positive control (the same kind of knockout on the strongest correspondence heads) must
+      move ``measure`` more than the register knockout does; if it does not, this knockout cannot
+      show an effect on this model and nothing is concluded.
+    - Then the registers carry information only if knocking them out moves ``measure`` more than
+      knocking out random tokens in the same heads (the interval above 0).
+
+    Never green: it reads the paper's claim ("almost no difference") and says whether it holds.
+    """
+    if positive_vs_registers is None or not positive_vs_registers.finite:
+        return Verdict("not measurable", "no positive control could be run (the model declares no cross-view "
+                                         "attention to knock out), so there is no evidence this knockout can show an "
+                                         "effect")
+    if not positive_vs_registers.above(0):
+        return Verdict("not shown", f"the positive control did not move {measure} more than the register knockout "
+                                    f"(difference {_ci(positive_vs_registers)}): this knockout cannot show an effect "
+                                    "here, so no conclusion about the registers")
+    if not registers_vs_random.finite:
+        return Verdict("not measurable", "no interval for the register knockout against random tokens")
+    if registers_vs_random.above(0):
+        return Verdict("not shown", f"the register knockout moves {measure} more than random tokens "
+                                    f"({_ci(registers_vs_random)}): the registers carry information here, unlike "
+                                    "the paper's finding")
+    return Verdict("not shown", f"no effect beyond random tokens ({_ci(registers_vs_random)}), while the positive "
+                                f"control moves {measure} by {_ci(positive_vs_registers)} more: a knockout can hurt "
+                                "this model, the registers' one does not (as in the paper)")
