@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 
 __all__ = ["Interval", "resample_weights", "interval_from", "mean_interval", "paired_difference",
-           "ratio_interval", "statistic_interval", "replicate_means", "replicate_ratios", "DEFAULT_REPLICATES", "DEFAULT_LEVEL"]
+           "ratio_interval", "statistic_interval", "replicate_means", "replicate_ratios", "DEFAULT_REPLICATES",
+           "DEFAULT_LEVEL"]
 
 ArrayLike = Any  # per-pair values: a sequence or an array, pairs on the first axis
 DEFAULT_REPLICATES = 1000
@@ -121,8 +122,9 @@ def resample_weights(n: int, replicates: int = DEFAULT_REPLICATES, seed: int = 0
     return w
 
 
-def interval_from(estimate: float, replicates: np.ndarray, level: float = DEFAULT_LEVEL, n: int = 0) -> Interval:
+def interval_from(estimate: Any, replicates: np.ndarray, level: float = DEFAULT_LEVEL, n: int = 0) -> Interval:
     """The percentile interval of a statistic's replicate values (NaN replicates are dropped)."""
+    estimate = float(estimate)
     r = np.asarray(replicates, dtype=float).ravel()
     r = r[np.isfinite(r)]
     if r.size < 2 or not math.isfinite(estimate):

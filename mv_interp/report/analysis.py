@@ -248,7 +248,7 @@ def image_pairs(model: Any, images: Sequence[str | os.PathLike]) -> Pairs:
              for i in range(n)]
     describe = {"source": "images", "files": [str(p.resolve()) for p in paths],
                 "mtimes": [p.stat().st_mtime for p in paths], "size": [h, w]}
-    return Pairs(views, None, describe, stats, {"easy": 0, "hard": min(1, n - 1)})
+    return Pairs(views, None, describe, stats, {"easy": 0, "hard": 1} if n > 1 else {"easy": 0})
 
 
 class _LazyPool:
@@ -411,7 +411,8 @@ def heads_step(model: Any, pairs: Pairs, cfg: ReportConfig, out: Path, progress:
     scores, per_pair = score_heads_per_pair(model, pairs.views, progress)
     scores.model_name = name or scores.model_name
     paths = scores.save(d)
-    paths.update(save_example_figures(model, pairs.pair("easy"), scores, d, n_queries=cfg.overlay_queries))
+    paths.update(save_example_figures(model, pairs.pair("easy"), scores, d, n_queries=cfg.overlay_queries,
+                                      labels=head_evidence_labels(scores), queries=cfg.query_patches))
     labels = scores.labels()
     counts = {lab: sum(lab in v for v in labels.values()) for lab in LABELS}
     arrays = {f"{'|'.join(map(str, k))}/{stat}": v for k, ss in per_pair.items() for stat, v in ss.items()}
@@ -421,6 +422,9 @@ def heads_step(model: Any, pairs: Pairs, cfg: ReportConfig, out: Path, progress:
     ivs = head_intervals(per_pair, units, scores.thresholds.to_dict(), t_index, replicates=cfg.bootstrap,
                          seed=cfg.seed)
     ivs["best_per_layer"] = best_head_intervals(scores, per_pair, t_index, cfg)
+    if ivs["best_per_layer"]:
+        paths["curve_ci"] = plot_correspondence_ci(ivs["best_per_layer"], scores.primary_px,
+                                                   d / "correspondence_curve_ci.png")
     paths["intervals"] = write_json(d / "intervals.json", ivs)
     paths["intervals_csv"] = write_csv(d / "intervals.csv", ivs["heads"], HEAD_INTERVAL_COLUMNS)
     info = {"counts": counts, "n_heads": len(labels), "primary_px": scores.primary_px,
@@ -465,6 +469,41 @@ def score_heads_per_pair(model: Any, views: Batch, progress: bool = False) -> tu
                     delta = t - prev if prev is not None else t
                     per.setdefault(key, {}).setdefault(stat, []).append(delta.detach().double().cpu().numpy())
     return scorer.result(), {k: {s: np.stack(v) for s, v in ss.items()} for k, ss in per.items()}
+
+
+def plot_correspondence_ci(best: list[dict[str, Any]], px: float, path: Path) -> Path:
+    """Figure 5 with intervals: the best head's recall per layer (95 % band) against the
+    same-position and uniform baselines, one panel per block group; legends below the data."""
+    from ..probes.views import _pyplot, _save
+
+    plt = _pyplot()
+    key = f"{px:g}px"
+    groups: dict[tuple, list[dict]] = {}
+    for b in best:
+        groups.setdefault((b["stack"], b["kind"], b["query_view"], b["key_view"]), []).append(b)
+    fig, axes = plt.subplots(1, len(groups), figsize=(max(5.5, 4.6 * len(groups)), 3.6), squeeze=False,
+                             layout="constrained")
+    for ax, ((stack, kind, qv, kv), bs) in zip(axes[0], groups.items()):
+        bs = sorted(bs, key=lambda b: b["layer"])
+        x = [b["layer"] for b in bs]
+        rec = [100 * b["recall"][key] for b in bs]
+        lo = [100 * (b["recall_ci"]["low"] if b["recall_ci"]["low"] is not None else math.nan) for b in bs]
+        hi = [100 * (b["recall_ci"]["high"] if b["recall_ci"]["high"] is not None else math.nan) for b in bs]
+        ax.plot(x, rec, "o-", color="#2c8a4b", lw=2, label=f"best head, recall@{key}")
+        ax.fill_between(x, lo, hi, color="#2c8a4b", alpha=0.2, lw=0, label="95 % interval")
+        ax.plot(x, [100 * b["same_position"][key] for b in bs], "--", color="0.35", label="same grid position")
+        ax.plot(x, [100 * b["chance"][key] for b in bs], ":", color="0.35", label="uniform attention")
+        for xi, b, r in zip(x, bs, rec):
+            ax.annotate(f"h{b['head']}", (xi, r), xytext=(0, 6), textcoords="offset points", ha="center", fontsize=7)
+        ax.set_xticks(x)
+        ax.set_xlabel(f"{stack} block")
+        ax.set_ylim(0, 105)
+        ax.set_title(f"{stack} {kind} · queries v{qv} → keys v{kv}", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("correct correspondences (%)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=4, fontsize=8, frameon=False)
+    return _save(fig, path)
 
 
 def best_head_intervals(scores: Any, per_pair: dict, t_index: int, cfg: ReportConfig) -> list[dict[str, Any]]:
@@ -638,7 +677,7 @@ def knockout_step(model: Any, pairs: Pairs, cfg: ReportConfig, out: Path, progre
     moved = {"clean": np.zeros(n_pairs(pairs.views))}
     for name, spec in _tqdm(specs.items(), progress, desc="knockout", unit="variant"):
         with module.hooks(spec.fwd_hooks(module, n_views=len(pairs.views))):
-            if tables:
+            if tables and name != "positive":  # the positive control is read off the output alone
                 tables[name] = evaluate_probes(model, probes, pairs.views, lens=False, batch_size=cfg.batch_size)
             knocked = _outputs(model, pairs.views, cfg.batch_size)
         per_pair[name] = output_metrics_per_pair(model, pairs.views, cfg.batch_size, outputs=knocked)
@@ -691,7 +730,7 @@ def knockout_step(model: Any, pairs: Pairs, cfg: ReportConfig, out: Path, progre
                                              labels=labels))
 
     # 4D comparison on the hard pair: clean and knocked-out probes (or lens), from the knocked block on
-    label = "hard"
+    label = "hard" if "hard" in pairs.examples else "easy"
     pair = pairs.pair(label)
     kw = {"kind": PROBE_KIND} if probes is not None else {"lens": True}
     frames_clean = probe_frames(model, probes, pair, **kw)

@@ -91,11 +91,13 @@ class ReportConfig(ConfigMixin):
         if self.control_steps is not None and self.control_steps < 1:
             raise ValueError(f"ReportConfig.control_steps={self.control_steps} must be >= 1 (or None)")
         if self.bootstrap < 100:
-            raise ValueError(f"ReportConfig.bootstrap={self.bootstrap}: use at least 100 replicates for a 95 % interval")
+            raise ValueError(f"ReportConfig.bootstrap={self.bootstrap}: use at least 100 replicates for a 95 % "
+                             "interval")
         if not 0 < self.converge_tol < 1:
             raise ValueError(f"ReportConfig.converge_tol={self.converge_tol} is a fraction in (0, 1)")
         if self.query_patches is not None:
-            q = (self.query_patches,) if isinstance(self.query_patches, int) else tuple(int(t) for t in self.query_patches)
+            qp = self.query_patches
+            q = (qp,) if isinstance(qp, int) else tuple(int(t) for t in qp)
             if not q or min(q) < 0:
                 raise ValueError(f"ReportConfig.query_patches={list(q)}: give token indices >= 0")
             object.__setattr__(self, "query_patches", q)

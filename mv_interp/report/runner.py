@@ -32,7 +32,8 @@ TITLES = {
 STEP_NAMES = tuple(TITLES)
 
 
-def smoke_reasons(cfg: ReportConfig, infos: dict[str, dict[str, Any]], pairs_used: int, photos: bool = False) -> list[str]:
+def smoke_reasons(cfg: ReportConfig, infos: dict[str, dict[str, Any]], pairs_used: int,
+                  photos: bool = False) -> list[str]:
     """Why this run's numbers are not meaningful yet, each with the setting to raise (empty: none).
 
     A smoke run (``cfg.smoke``, the ``fast`` preset), and probes whose training loss still fell by
@@ -204,6 +205,7 @@ def run_report(model: Any = "dust3r-toy", config: ReportConfig | None = None, ou
     probes_key = {"probes": str(probes_dir.resolve()), "mtime": (probes_dir / "probes.safetensors").stat().st_mtime}\
         if photos and probes is not None else None
     steps.run("heads", {**base, "batch": cfg.batch_size, "queries": cfg.overlay_queries, "examples": pairs.examples,
+                        "query_patches": cfg.to_dict().get("query_patches"),
                         "bootstrap": cfg.bootstrap, "seed": cfg.seed, "per_pair": True},
               lambda: A.heads_step(model, pairs, cfg, out, progress, name), title=TITLES["heads"])
     steps.run("knockout", {**base, "k": cfg.knockout_k, "seed": cfg.seed, "batch": cfg.batch_size,

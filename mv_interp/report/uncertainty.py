@@ -28,12 +28,12 @@ METRICS = ("e2_aligned_v2", "e1_v2", "e1_v1", "e1")
 SKIP_KINDS = ("self", "cross", "mlp")
 
 
-def _iv(est: float, reps: np.ndarray, level: float, n: int) -> dict[str, Any]:
+def _iv(est: Any, reps: np.ndarray, level: float, n: int) -> dict[str, Any]:
     return interval_from(float(est), reps, level, n).to_dict()
 
 
-def probe_intervals(rows: Sequence[Mapping[str, Any]], per_pair: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]],
-                    contributions: Mapping[str, Any], *, replicates: int = stats.DEFAULT_REPLICATES, seed: int = 0,
+def probe_intervals(rows: Sequence[Mapping[str, Any]], per_pair: Mapping[str, Any], contributions: Mapping[str, Any],
+                    *, replicates: int = stats.DEFAULT_REPLICATES, seed: int = 0,
                     level: float = stats.DEFAULT_LEVEL) -> dict[str, Any]:
     """Intervals of a :class:`~mv_interp.probes.ProbeTable`'s numbers (its ``rows``, ``per_pair``
     and ``contributions``). Returns a JSON-able dict: ``sites`` (one row per method, location,
@@ -174,7 +174,7 @@ def _head_metrics(P: Mapping[str, np.ndarray], t: int) -> dict[str, np.ndarray]:
     return m
 
 
-def _labels(m: Mapping[str, np.ndarray], th: Mapping[str, float], same_view: bool) -> dict[str, np.ndarray]:
+def _labels(m: Mapping[str, np.ndarray], th: Mapping[str, Any], same_view: bool) -> dict[str, np.ndarray]:
     """Which heads get each label (the rule of :meth:`mv_interp.heads.HeadScores._labels`)."""
     live = np.nan_to_num(m["block_mass"], nan=-1) >= th["min_block_mass"]
     out = {}
@@ -188,8 +188,8 @@ def _labels(m: Mapping[str, np.ndarray], th: Mapping[str, float], same_view: boo
     return out
 
 
-def head_intervals(per_pair: Mapping[str, Mapping[str, np.ndarray]], units: Sequence[Mapping[str, Any]],
-                   thresholds: Mapping[str, float], t_index: int, *, replicates: int = stats.DEFAULT_REPLICATES,
+def head_intervals(per_pair: Mapping[Any, Mapping[str, np.ndarray]], units: Sequence[Mapping[str, Any]],
+                   thresholds: Mapping[str, Any], t_index: int, *, replicates: int = stats.DEFAULT_REPLICATES,
                    seed: int = 0, level: float = stats.DEFAULT_LEVEL) -> dict[str, Any]:
     """Intervals of every head's scores from per-pair sums.
 
@@ -237,7 +237,7 @@ def head_interval(intervals: Mapping[str, Any], site: str, query_view: int, key_
     return stats.NAN
 
 
-def paired_intervals(values: Mapping[str, np.ndarray], reference: str, *, replicates: int = stats.DEFAULT_REPLICATES,
+def paired_intervals(values: Mapping[str, Any], reference: str, *, replicates: int = stats.DEFAULT_REPLICATES,
                      seed: int = 0, level: float = stats.DEFAULT_LEVEL) -> dict[str, Any]:
     """Each series' mean and its difference to ``values[reference]`` on the same pairs."""
     n = len(values[reference])
