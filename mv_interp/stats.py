@@ -123,11 +123,12 @@ def resample_weights(n: int, replicates: int = DEFAULT_REPLICATES, seed: int = 0
 
 
 def interval_from(estimate: Any, replicates: np.ndarray, level: float = DEFAULT_LEVEL, n: int = 0) -> Interval:
-    """The percentile interval of a statistic's replicate values (NaN replicates are dropped)."""
+    """The percentile interval of a statistic's replicate values (NaN replicates are dropped);
+    ``n``: the pairs behind it (with one pair there is no interval)."""
     estimate = float(estimate)
     r = np.asarray(replicates, dtype=float).ravel()
     r = r[np.isfinite(r)]
-    if r.size < 2 or not math.isfinite(estimate):
+    if r.size < 2 or not math.isfinite(estimate) or 0 < n < 2:  # one pair: nothing to resample
         return Interval(float(estimate), math.nan, math.nan, level, n, int(np.asarray(replicates).size))
     a = (1 - level) / 2
     lo, hi = np.quantile(r, [a, 1 - a])

@@ -185,10 +185,11 @@ def _summary(ctx: dict, out: Path) -> tuple[str, dict]:
                             f"of the clean output restored by patching {esc(b['site'])} of block {b['layer']} "
                             f"alone ({len(patch.get('pairs', []))} pair(s), averaged: no interval)"))
     body = f'<div class="stats">{"".join(cards)}</div>'
-    body += ('<p class="muted">Every interval is a 95 % percentile bootstrap over the held-out pairs '
-             f'({ctx.get("config", {}).get("bootstrap", "")} replicates, seeded: the same run gives the same '
-             "intervals; "
-             "<code>intervals.csv</code> beside each table). A card is green only when its interval supports the claim "
+    body += ('<p class="muted">Every interval is a 95 % percentile bootstrap over the '
+             + ("photo pairs (one pair: no interval) " if ctx.get("photos") else "held-out pairs ")
+             + f'({ctx.get("config", {}).get("bootstrap", "")} replicates, seeded: the same run gives the same '
+             "intervals; <code>intervals.csv</code> beside each table). A card is green only when its interval "
+             "supports the claim "
              "against the named baseline; otherwise it says why. Errors are in units of the ground truth's mean "
              "distance to view 1's camera (0 = perfect).</p>")
     return body, facts
@@ -453,16 +454,15 @@ def _heads(ctx: dict, out: Path) -> str:
                     "On the easy pair: each line joins a view-2 query patch to the view-1 patch the layer's best head "
                     "attends to most — green within the threshold of the true match, red otherwise.")
     body += H.image(d / "labels.png", "head labels", "Labels of every head (C correspondence, R register, L local).")
+    body += heat_tables(scores["rows"], _load(d / "intervals.json") or {})
     maps = sorted((d / "heatmaps").glob("heatmap_*.png"))
     first = [p for p in maps if "corr_recall" in p.name or "register_lift" in p.name]
     rest = [p for p in maps if p not in first]
-    body += '<div class="grid2">' + "".join(H.image(p, p.stem, _heatmap_caption(p.stem)) for p in first) + "</div>"
-    if rest:
-        body += ("<details><summary>more heatmaps (" + ", ".join(esc(p.stem[8:]) for p in rest) + ")</summary>"
-                 + '<div class="grid2">' + "".join(H.image(p, p.stem, _heatmap_caption(p.stem)) for p in rest)
-                 + "</div></details>")
+    if first or rest:
+        body += ("<details><summary>heatmaps as figures (" + ", ".join(esc(p.stem[8:]) for p in first + rest)
+                 + ")</summary>" + '<div class="grid2">'
+                 + "".join(H.image(p, p.stem, _heatmap_caption(p.stem)) for p in first + rest) + "</div></details>")
     ivs = _load(d / "intervals.json") or {}
-    body += heat_tables(scores["rows"], ivs)
     rows = scores["rows"]
     by = {(r["site"], r["query_view"], r["key_view"], r["head"], r["score"]): Interval.from_dict(r)
           for r in ivs.get("heads", [])}

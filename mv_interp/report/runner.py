@@ -39,9 +39,12 @@ def smoke_reasons(cfg: ReportConfig, infos: dict[str, dict[str, Any]], pairs_use
     A smoke run (``cfg.smoke``, the ``fast`` preset), and probes whose training loss still fell by
     more than ``cfg.converge_tol`` over the last tenth of training."""
     out = []
-    if cfg.smoke:
-        out.append(f"a --fast smoke run: probes trained {cfg.probe_steps} steps on {pairs_used} held-out pairs; "
-                   "run without --fast (or raise --probe-steps and --pairs)")
+    if cfg.smoke and photos:
+        out.append(f"a --fast smoke run on {pairs_used} photo pair(s) ({cfg.bootstrap} bootstrap replicates, "
+                   f"{cfg.patch_pairs} patching pair(s) at most); run without --fast, and give more pairs")
+    elif cfg.smoke:
+        out.append(f"a --fast smoke run: probes trained {cfg.probe_steps} steps, measured on {pairs_used} held-out "
+                   "pairs; run without --fast (or raise --probe-steps and --pairs)")
     for name, flag in (("probes", "--probe-steps"), ("control", "--control-steps")):
         drop = infos.get(name, {}).get("tail_drop")
         if isinstance(drop, (int, float)) and math.isfinite(drop) and drop > cfg.converge_tol:

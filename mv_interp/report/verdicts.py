@@ -158,10 +158,13 @@ def register_verdict(registers_vs_random: Interval, positive_vs_registers: Inter
 
     Never green: it reads the paper's claim ("almost no difference") and says whether it holds.
     """
-    if positive_vs_registers is None or not positive_vs_registers.finite:
+    if positive_vs_registers is None:
         return Verdict("not measurable", "no positive control could be run (the model declares no cross-view "
                                          "attention to knock out), so there is no evidence this knockout can show an "
                                          "effect")
+    if not positive_vs_registers.finite:
+        return Verdict("not measurable", "no interval for the positive control (fewer than 2 pairs): give more "
+                                         "pairs to read the knockout against its controls")
     if not positive_vs_registers.above(0):
         return Verdict("not shown", f"the positive control did not move {measure} more than the register knockout "
                                     f"(difference {_ci(positive_vs_registers)}): this knockout cannot show an effect "
