@@ -405,10 +405,10 @@ INTERVAL_COLUMNS = ("method", "location", "metric", "estimate", "low", "high", "
 
 def heads_step(model: Any, pairs: Pairs, cfg: ReportConfig, out: Path, progress: bool,
                name: str = "") -> tuple[list, dict]:
-    from ..heads import LABELS, save_example_figures
+    from ..heads import LABELS, ScoreConfig, save_example_figures
 
     d = out / "heads"
-    scores, per_pair = score_heads_per_pair(model, pairs.views, progress)
+    scores, per_pair = score_heads_per_pair(model, pairs.views, ScoreConfig(max_queries=cfg.head_queries), progress)
     scores.model_name = name or scores.model_name
     paths = scores.save(d)
     paths.update(save_example_figures(model, pairs.pair("easy"), scores, d, n_queries=cfg.overlay_queries,
@@ -449,7 +449,7 @@ def unit_row(u: Any) -> dict[str, Any]:
             "n_heads": u.site.n_heads}
 
 
-def score_heads_per_pair(model: Any, views: Batch, progress: bool = False) -> tuple[Any, dict]:
+def score_heads_per_pair(model: Any, views: Batch, config: Any = None, progress: bool = False) -> tuple[Any, dict]:
     """:func:`mv_interp.heads.score_heads` on ``views``, one pair per update, keeping each pair's
     sums (the statistics are sums, so the scores are the same as a batched run's); returns the
     scores and ``{unit key: {stat: [pairs, ...]}}`` for the intervals."""
@@ -457,7 +457,7 @@ def score_heads_per_pair(model: Any, views: Batch, progress: bool = False) -> tu
 
     from .uncertainty import HEAD_SUMS
 
-    scorer = HeadScorer(model)
+    scorer = HeadScorer(model, config)
     per: dict[tuple, dict[str, list[np.ndarray]]] = {}
     for i in _tqdm(range(n_pairs(views)), progress, desc="scoring heads", unit="pair"):
         before = {k: {s: t.clone() for s, t in v.items() if s in HEAD_SUMS} for k, v in scorer.sums.items()}

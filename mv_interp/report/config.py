@@ -71,6 +71,10 @@ class ReportConfig(ConfigMixin):
     query_patches: Sequence[int] | None = None
     """Query patches (token indices, row · w + column of view 2's patch grid) of the attention
     maps; ``None``: ``overlay_queries`` patches spread over the image."""
+    head_queries: int | None = 256
+    """Query patches per view and batch the head scores use (a seeded sample; their attention rows
+    come from q and k while the forward stays on fused attention, so many-view models fit in
+    memory); ``None`` or at least the patch count (dust3r-toy: 196): every query."""
 
     def __post_init__(self) -> None:
         kinds = (self.probe_kinds,) if isinstance(self.probe_kinds, str) else tuple(self.probe_kinds)
@@ -101,6 +105,8 @@ class ReportConfig(ConfigMixin):
             if not q or min(q) < 0:
                 raise ValueError(f"ReportConfig.query_patches={list(q)}: give token indices >= 0")
             object.__setattr__(self, "query_patches", q)
+        if self.head_queries is not None and self.head_queries < 1:
+            raise ValueError(f"ReportConfig.head_queries={self.head_queries} must be >= 1 (or None: every query)")
         if self.train_pool < 0 or not self.lr > 0:
             raise ValueError("ReportConfig: need train_pool >= 0 and lr > 0")
 

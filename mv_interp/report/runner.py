@@ -209,7 +209,8 @@ def run_report(model: Any = "dust3r-toy", config: ReportConfig | None = None, ou
         if photos and probes is not None else None
     steps.run("heads", {**base, "batch": cfg.batch_size, "queries": cfg.overlay_queries, "examples": pairs.examples,
                         "query_patches": cfg.to_dict().get("query_patches"),
-                        "bootstrap": cfg.bootstrap, "seed": cfg.seed, "per_pair": True},
+                        "bootstrap": cfg.bootstrap, "seed": cfg.seed, "per_pair": True,
+                        **({"head_queries": cfg.head_queries} if cfg.head_queries is not None else {})},
               lambda: A.heads_step(model, pairs, cfg, out, progress, name), title=TITLES["heads"])
     steps.run("knockout", {**base, "k": cfg.knockout_k, "seed": cfg.seed, "batch": cfg.batch_size,
                            "points": cfg.max_points, "queries": cfg.overlay_queries, "examples": pairs.examples,
