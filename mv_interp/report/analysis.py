@@ -822,5 +822,5 @@ def views_step(model: ModelLike, pairs: Pairs, cfg: ReportConfig, out: Path, pro
         files.append(four.write_rerun(d / f"pair_{label}.rrd", next(iter(four.methods)),
                                       app_id=f"mv_interp_report_{label}"))
         info[label] = dict(pairs.stats[pairs.examples[label]])
-        info[label]["methods"] = list(methods)
+        info[label]["methods"] = list(four.methods)
     return files, info
