@@ -7,7 +7,8 @@ per position) it runs :func:`patching_sweep` (one forward per cell) and
 correlation and Pearson correlation of the normalised values over the cells, and both wall
 times. ``--figure PATH`` writes the scatter plot used in ``docs/interventions.md``.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python3 benchmarks/bench_attribution.py --figure docs/images/attribution_patching.png
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python3 benchmarks/bench_attribution.py \
+        --figure docs/images/attribution_patching.png
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ def main() -> None:
         write_figure(results, args.figure)
         print(f"figure: {args.figure}")
     if not args.no_record:
-        body = (f"`dust3r-toy`, {args.pairs} synthetic pairs at {size}×{size} (corrupted: view 2 from another scene), "
+        body = (f"`dust3r-toy`, {args.pairs} synthetic pairs at {size}×{size} "
+                "(corrupted: view 2 from another scene), "
                 "scale-invariant pointmap distance to the clean run, normalised (0 = clean, 1 = corrupted); per position: "
                 "view 2's cross-attention residuals only. "
                 "Attribution patching = 2 forwards + 1 backward for every cell.\n\n" + table)

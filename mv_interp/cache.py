@@ -97,6 +97,15 @@ class CacheAlgebra:
                            "'*hook_resid*', '*_out' and '*hook_z'") from None
         return view_tokens(act, site, self._nv())
 
+    def _finish(self, out: Tensor, labels: list[str], apply_ln: bool, layer: int, view: int, stack: str,
+                return_labels: bool, recompute_ln: bool = False) -> Any:
+        # ``out`` is [component, batch, pos, d] (batch restored); drop the batch axis again if the cache has none
+        if apply_ln:
+            out = self.apply_ln_to_stack(out, layer=layer, view=view, recompute_ln=recompute_ln, stack=stack)
+            out = out if self.has_batch_dim else out.unsqueeze(1)
+        out = self._out(out)
+        return (out, labels) if return_labels else out
+
     def _depth(self, sites: Sequence[Any]) -> int:
         return max(s.layer for s in sites) + 1
 
@@ -128,12 +137,8 @@ class CacheAlgebra:
             for s in resid:
                 last[s.layer] = s
             resid = list(last.values())
-        out = torch.stack([self._tokens(s) for s in resid])
-        if apply_ln:
-            out = self.apply_ln_to_stack(out, layer=layer, view=view, recompute_ln=True, stack=stack)
-            out = out if self.has_batch_dim else out.unsqueeze(1)
-        out = self._out(out)
-        return (out, [s.name for s in resid]) if return_labels else out
+        return self._finish(torch.stack([self._tokens(s) for s in resid]), [s.name for s in resid], apply_ln, layer,
+                            view, stack, return_labels, recompute_ln=True)
 
     def decompose_resid(self, layer: int | None = None, view: int = 1, mode: str = "all", incl_embeds: bool = True,
                         split_heads: bool = False, apply_ln: bool = False, return_labels: bool = False,
@@ -176,12 +181,7 @@ class CacheAlgebra:
             else:
                 parts.append(self._tokens(s))
                 labels.append(s.name)
-        out = torch.stack(parts)
-        if apply_ln:
-            out = self.apply_ln_to_stack(out, layer=layer, view=view, stack=stack)
-            out = out if self.has_batch_dim else out.unsqueeze(1)
-        out = self._out(out)
-        return (out, labels) if return_labels else out
+        return self._finish(torch.stack(parts), labels, apply_ln, layer, view, stack, return_labels)
 
     def stack_activation(self, activation_name: str, layer: int | None = None, view: int | None = None,
                          stack: str | None = None, return_labels: bool = False):
@@ -260,12 +260,7 @@ class CacheAlgebra:
             labels.extend(hl)
         if not parts:
             raise ValueError(f"no attention layer before layer {layer} for view {view}")
-        out = torch.cat(parts)
-        if apply_ln:
-            out = self.apply_ln_to_stack(out, layer=layer, view=view, stack=stack)
-            out = out if self.has_batch_dim else out.unsqueeze(1)
-        out = self._out(out)
-        return (out, labels) if return_labels else out
+        return self._finish(torch.cat(parts), labels, apply_ln, layer, view, stack, return_labels)
 
     # -- norms ----------------------------------------------------------------------------
     def apply_ln_to_stack(self, residual_stack: Tensor, layer: int | None = None, view: int = 1,
@@ -385,6 +380,14 @@ def norm_bias(norm: nn.Module, like: Tensor) -> Tensor:
     """The norm's additive bias broadcast like ``like`` (zeros when it has none)."""
     bias = getattr(norm, "bias", None)
     return bias.expand_as(like) if bias is not None else torch.zeros_like(like)
+
+
+def final_resid_site(module: Any, view: int, n_views: int) -> Any:
+    """The probe site of ``view``'s last decoder residual (what the heads' final norm reads)."""
+    sites = [s for s in module.probe_sites(n_views=n_views) if s.view == view and s.stack == "dec" and s.is_residual]
+    if not sites:
+        raise ValueError(f"{type(module).__name__} declares no decoder residual site for view {view}")
+    return max(sites, key=lambda s: s.order)
 
 
 def attention_out_proj(module: Any, site: Any) -> nn.Linear:

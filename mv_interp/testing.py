@@ -925,10 +925,9 @@ def _check_cache_algebra(ctx: CheckContext) -> list[str]:
         except NotImplementedError as e:
             fails.append(f"{e}: declare it so apply_ln_to_stack and direct pointmap attribution know the final norm")
             continue
-        from .cache import norm_bias
+        from .cache import final_resid_site, norm_bias
 
-        site = max((s for s in m.probe_sites(n_views=ctx.n_views) if s.view == view and s.stack == "dec"),
-                   key=lambda s: s.order)
+        site = final_resid_site(m, view, ctx.n_views)
         normed = cache.apply_ln_to_stack(parts, view=view)
         ok, ratio = _close(normed.sum(0) + norm_bias(norm, normed[0]), view_tokens(cache[hook], site, ctx.n_views))
         if not ok:

@@ -10,6 +10,7 @@ from mv_interp.adapters.base import view_tokens
 from mv_interp.adapters.dust3r import DUSt3RConfig, HookedDUSt3R
 from mv_interp.adapters.fast3r import Fast3RConfig, HookedFast3R
 from mv_interp.adapters.mast3r import HookedMASt3R, MASt3RConfig
+from mv_interp.cache import final_resid_site
 from mv_interp.hooks import ActivationCache
 
 TINY = dict(img_size=(32, 48), enc_embed_dim=32, enc_depth=2, enc_num_heads=2,
@@ -159,8 +160,7 @@ def test_the_algebra_runs_unchanged_on_other_families(family):
         _, cache = model.run_with_cache(*views)
     n = len(views)
     for view in range(1, n + 1):
-        site = max((s for s in module.probe_sites(n_views=n) if s.view == view and s.stack == "dec"),
-                   key=lambda s: s.order)
+        site = final_resid_site(module, view, n)
         final = view_tokens(cache[site.hook], site, n)
         parts = cache.decompose_resid(view=view, split_heads=True)
         assert close(parts.sum(0), final)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..cache import frozen_norm, norm_bias
+from ..cache import final_resid_site, frozen_norm, norm_bias
 from .metrics import Metric, distance_to, metric_name, reduce_metric
 from .patching import PatchingSweep, _views, sweep_cells
 from .sites import hooked_module
@@ -162,12 +162,6 @@ class PointmapAttribution:
         return sorted(rows, key=lambda r: -r["mean_norm"])
 
 
-def _final_site(module: Any, view: int, n_views: int) -> Any:
-    sites = [s for s in module.probe_sites(sublayers=True, n_views=n_views)
-             if s.view == view and s.stack == "dec" and s.is_residual]
-    return max(sites, key=lambda s: s.order)
-
-
 def _put_view_tokens(full: Tensor, site: Any, n_views: int, tokens: Tensor) -> Tensor:
     """``full`` with ``site.view``'s tokens replaced (the inverse of ``view_tokens``), out of place."""
     v = site.view - 1
@@ -230,7 +224,7 @@ def _normed_components(module: Any, views: Sequence[Tensor], kwargs: dict, view:
         _, cache = module.run_with_cache(*views, **kwargs)
         parts, labels = cache.decompose_resid(view=view, split_heads=heads, return_labels=True)
         norm = module.resid_norm(view)
-        site = _final_site(module, view, n_views)
+        site = final_resid_site(module, view, n_views)
         resid = cache._tokens(site)
         normed = frozen_norm(norm, parts, resid)
         from ..adapters.base import view_tokens
@@ -269,7 +263,7 @@ def direct_pointmap_attribution(model: Any, views: Sequence[Any], *, view: int =
     n_views = len(views)
     if not 1 <= view <= n_views:
         raise IndexError(f"view {view} out of range for {n_views} views (valid: 1..{n_views})")
-    hook, site = module.head_input_hook(view), _final_site(module, view, n_views)
+    hook, site = module.head_input_hook(view), final_resid_site(module, view, n_views)
     normed, labels, bias, head_in = _normed_components(module, views, kwargs, view, heads, n_views)
     with torch.no_grad():
         out = module.view_outputs(module(*views, **kwargs))[view - 1]
