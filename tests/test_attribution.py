@@ -133,3 +133,16 @@ def test_attribution_patching_ranks_sites_like_real_patching_on_the_bundled_mode
     approx = attribution_patching(model, clean, corrupted, per="site", metric=metric)
     ok = ~torch.isnan(real.values.flatten())
     assert spearman(approx.values.flatten()[ok], real.values.flatten()[ok]) >= 0.8
+
+
+def test_sweeps_of_a_three_view_fast3r_cover_every_view():
+    from mv_interp.adapters.fast3r import Fast3RConfig, HookedFast3R
+
+    torch.manual_seed(0)
+    model = mv_interp.MVModel(HookedFast3R(Fast3RConfig(**TINY)).eval())
+    clean = model.example_inputs(batch=1, n_views=3, size=(16, 32))
+    corrupted = model.example_inputs(batch=1, n_views=3, size=(16, 32), seed=1)
+    real = patching_sweep(model, clean, corrupted, per="site", kinds=["mlp"], layers=[1])
+    approx = attribution_patching(model, clean, corrupted, per="site", kinds=["mlp"], layers=[1])
+    assert real.sites == approx.sites == ["mlp.v1", "mlp.v2", "mlp.v3"]
+    assert torch.isfinite(approx.values).all()

@@ -252,7 +252,7 @@ def sweep_cells(model: Any, per: str = "site", *, stack: str = "dec", kinds: Seq
     module = hooked_module(model)
     entries: list[tuple[str, int, str, int]] = []  # (row label, layer, hook, view)
     if per in ("site", "position"):
-        all_sites = module.probe_sites(encoder_blocks=stack == "enc", sublayers=sublayers)
+        all_sites = module.probe_sites(encoder_blocks=stack == "enc", sublayers=sublayers, n_views=n_views)
         stacks = sorted({s.stack for s in all_sites})
         if stack not in stacks:
             raise ValueError(f"stack={stack!r} has no sites; valid stacks: {stacks}")
