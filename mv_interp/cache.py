@@ -101,8 +101,7 @@ class CacheAlgebra:
                 return_labels: bool, recompute_ln: bool = False) -> Any:
         # ``out`` is [component, batch, pos, d] (batch restored); drop the batch axis again if the cache has none
         if apply_ln:
-            out = self.apply_ln_to_stack(out, layer=layer, view=view, recompute_ln=recompute_ln, stack=stack)
-            out = out if self.has_batch_dim else out.unsqueeze(1)
+            out = self._ln(out, layer, view, None, recompute_ln, stack)
         out = self._out(out)
         return (out, labels) if return_labels else out
 
@@ -274,6 +273,13 @@ class CacheAlgebra:
         plus the norm's bias is the norm's output. ``recompute_ln=True``: each entry is a full
         residual and gets the whole norm with its own statistics (weight and bias).
         """
+        x = residual_stack if self.has_batch_dim else residual_stack.unsqueeze(-3)
+        out = self._ln(x, layer, view, kind, recompute_ln, stack)
+        return out if self.has_batch_dim else out.squeeze(-3)
+
+    def _ln(self, x: Tensor, layer: int | None, view: int, kind: str | None, recompute_ln: bool,
+            stack: str) -> Tensor:
+        """:meth:`apply_ln_to_stack` on a stack that has its batch axis."""
         module = self._module()
         sites = self._sites(view, stack)
         depth = self._depth(sites)
@@ -289,12 +295,7 @@ class CacheAlgebra:
                 raise ValueError(f"block {layer} has no {kind!r} sublayer; its sublayers: {kinds}")
             read = resid[resid.index(block[kinds.index(kind)]) - 1]
         norm = module.resid_norm(view, layer, kind)
-        x = residual_stack if self.has_batch_dim else residual_stack.unsqueeze(-3)
-        if recompute_ln:
-            out = norm(x)
-        else:
-            out = frozen_norm(norm, x, self._tokens(read))
-        return out if self.has_batch_dim else out.squeeze(-3)
+        return norm(x) if recompute_ln else frozen_norm(norm, x, self._tokens(read))
 
     # -- batch ----------------------------------------------------------------------------
     def _leading(self, t: Tensor) -> int:

@@ -121,9 +121,14 @@ def test_batch_slicing_is_view_aware(run):
     # encoder hooks stack views on the batch axis: the slice takes example 1 of each view
     assert torch.equal(one["hook_enc_out"], cache["hook_enc_out"][[1, 3]])
     assert torch.equal(one["dec_blocks2.1.hook_resid_post"], cache["dec_blocks2.1.hook_resid_post"][1])
-    assert close(one.decompose_resid(view=2).sum(0), cache["dec_blocks2.1.hook_resid_post"][1])
+    parts = one.decompose_resid(view=2)
+    assert parts.shape == (7, 6, 32) and close(parts.sum(0), cache["dec_blocks2.1.hook_resid_post"][1])
     assert one.stack_head_results(view=2).shape == (8, 6, 32)
-    assert close(one.accumulated_resid(view=2, apply_ln=True)[-1], cache["hook_dec_out2"][1])
+    lens = one.accumulated_resid(view=2, apply_ln=True)
+    assert lens.shape == (7, 6, 32) and close(lens[-1], cache["hook_dec_out2"][1])
+    normed = one.decompose_resid(view=2, apply_ln=True)
+    assert normed.shape == (7, 6, 32) and torch.equal(normed, one.apply_ln_to_stack(parts, view=2))
+    assert close(normed.sum(0) + model.module.dec_norm.bias, cache["hook_dec_out2"][1])
     sub = cache.apply_slice_to_batch_dim([1, 0])
     assert sub.batch_size == 2 and torch.equal(sub["hook_enc_out"], cache["hook_enc_out"][[1, 0, 3, 2]])
     assert torch.equal(cache.apply_slice_to_batch_dim(slice(0, 1)).remove_batch_dim()["hook_dec_out1"],
