@@ -220,8 +220,11 @@ def _head_map(module: Any, views: Sequence[Tensor], kwargs: dict, hook: str, sit
 def _normed_components(module: Any, views: Sequence[Tensor], kwargs: dict, view: int, heads: bool,
                        n_views: int) -> tuple[Tensor, list[str], Tensor, Tensor]:
     """(components through the frozen final norm, labels, the norm's bias, the head input)."""
+    names = ({s.hook for s in module.probe_sites(sublayers=True, n_views=n_views) if s.stack == "dec"}
+             | {a.z_hook for a in module.attention_sites(n_views=n_views) if a.stack == "dec"}
+             | {module.head_input_hook(view)})
     with torch.no_grad():
-        _, cache = module.run_with_cache(*views, **kwargs)
+        _, cache = module.run_with_cache(*views, names_filter=sorted(names), **kwargs)
         parts, labels = cache.decompose_resid(view=view, split_heads=heads, return_labels=True)
         norm = module.resid_norm(view)
         site = final_resid_site(module, view, n_views)

@@ -306,14 +306,13 @@ def hook_info(model: Any, name: str) -> HookInfo:
             layout = _SITE_TO_TOKEN_LAYOUT.get(site.layout, "view")
             if site.layout == "view":
                 views = tuple(site.key_views) if leaf in _KEY_SIDE else (site.query_view,)
-            elif site.layout == "stacked":
-                views = tuple(site.key_views)
-            else:  # global: as many views as the run has
+            else:  # stacked / global: as many views as the run has (checked against n_views)
                 views = None
             return HookInfo(name, _ATTN_AXES[leaf], layout, views, site)
     probes = [s for s in module.probe_sites(encoder_blocks=True, sublayers=True) if s.hook == name]
     if probes:
-        views = None if probes[0].layout == "concat" else tuple(sorted({s.view for s in probes}))
+        # a multi-view layout holds as many views as the run has (the sites list the default count)
+        views = None if probes[0].layout in ("concat", "stacked") else tuple(sorted({s.view for s in probes}))
         return HookInfo(name, RESID_AXES, probes[0].layout, views)
     return HookInfo(name, None, "view", None, known=False)
 
