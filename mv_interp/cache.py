@@ -168,11 +168,11 @@ class CacheAlgebra:
                 parts.append(self._tokens(s))
                 labels.append(s.name)
         keep = DECOMPOSE_MODES[mode]
-        heads_by_out = self._head_sites(view, stack) if split_heads else {}
+        heads_by_out = self._attention_of_outputs(view, sites) if split_heads else {}
         for s in outs:
             if SUBLAYER_OUT[s.kind] not in keep:
                 continue
-            att = heads_by_out.get((s.layer, SUBLAYER_OUT[s.kind]))
+            att = heads_by_out.get(s.name)
             if att is not None:
                 h, hl = self._head_results(att, s, view, incl_bias=True)
                 parts.extend(h.unbind(0))
@@ -201,13 +201,25 @@ class CacheAlgebra:
         return (out, labels) if return_labels else out
 
     # -- heads ----------------------------------------------------------------------------
-    def _head_sites(self, view: int, stack: str) -> dict[tuple[int, str], Any]:
+    def _attention_of_outputs(self, view: int, sites: Sequence[Any]) -> dict[str, Any]:
+        """``{attention-output probe site name: the attention site writing it}`` for ``view``.
+
+        Matched by layer (and by kind where a layer has both self- and cross-attention): models
+        may call the sublayer where views meet ``"cross"`` in their probe sites and ``"self"``
+        in their attention sites (joint attention over all views)."""
+        outs = [s for s in sites if s.kind in ("self_out", "cross_out")]
+        stack = outs[0].stack if outs else "dec"
         found = {}
-        for s in self._module().attention_sites(n_views=self._nv()):
-            if s.stack != stack:
+        for a in self._module().attention_sites(n_views=self._nv()):
+            if a.stack != stack or not (a.query_view == view or (a.query_view == 0 and view in a.key_views)):
                 continue
-            if s.query_view == view or (s.query_view == 0 and view in s.key_views):
-                found[(s.layer, s.kind)] = s
+            cands = [o for o in outs if o.layer == a.layer]
+            if len(cands) > 1:
+                cands = [o for o in cands if SUBLAYER_OUT[o.kind] == a.kind]
+            if len(cands) != 1:
+                raise ValueError(f"cannot tell which attention output probe site of layer {a.layer} attention site "
+                                 f"{a.name} writes (candidates: {[o.name for o in cands]})")
+            found[cands[0].name] = a
         return found
 
     def _head_results(self, att: Any, out_site: Any, view: int, incl_bias: bool) -> tuple[Tensor, list[str]]:
@@ -217,7 +229,7 @@ class CacheAlgebra:
         z = view_tokens(self._act(att.z_hook), out_site, self._nv())  # [batch, pos, head, d_head]
         w = rearrange(proj.weight, "d_model (head d_head) -> head d_head d_model", head=z.shape[-2])
         res = einsum(z.to(w.dtype), w, "batch pos head d_head, head d_head d_model -> head batch pos d_model")
-        label = f"{att.stack}{att.layer}.{att.kind}.v{view}"
+        label = f"{out_site.stack}{out_site.layer}.{SUBLAYER_OUT[out_site.kind]}.v{view}"
         labels = [f"{label}.h{h}" for h in range(res.shape[0])]
         if incl_bias:
             bias = proj.bias if proj.bias is not None else torch.zeros_like(res[0, 0, 0])
@@ -237,24 +249,16 @@ class CacheAlgebra:
         """
         sites = self._sites(view, stack)
         layer = self._check_layer(layer, sites)
-        outs = {(s.layer, SUBLAYER_OUT[s.kind]): s for s in sites if s.kind in SUBLAYER_OUT}
-        atts = self._head_sites(view, stack)
-        if kinds is not None:
-            bad = sorted(set(kinds) - {k for _, k in atts})
-            if bad:
-                raise ValueError(f"kinds {bad} have no attention sites; valid kinds: {sorted({k for _, k in atts})}")
+        by_name = {s.name: s for s in sites}
+        pairs = [(by_name[o], a) for o, a in self._attention_of_outputs(view, sites).items()]
+        have = sorted({SUBLAYER_OUT[o.kind] for o, _ in pairs})
+        if kinds is not None and set(kinds) - set(have):
+            raise ValueError(f"kinds {sorted(set(kinds) - set(have))} have no attention sites; valid kinds: {have}")
         parts, labels = [], []
-        pairs = []
-        for s in atts.values():
-            if s.layer >= layer or (kinds is not None and s.kind not in kinds):
+        for out_site, att in sorted(pairs, key=lambda p: p[0].order):
+            if out_site.layer >= layer or (kinds is not None and SUBLAYER_OUT[out_site.kind] not in kinds):
                 continue
-            out_site = outs.get((s.layer, s.kind))
-            if out_site is None:
-                raise ValueError(f"attention site {s.name} has no '{s.kind}_out' probe site to take view {view}'s "
-                                 "tokens from")
-            pairs.append((out_site, s))
-        for out_site, s in sorted(pairs, key=lambda p: p[0].order):
-            h, hl = self._head_results(s, out_site, view, incl_bias)
+            h, hl = self._head_results(att, out_site, view, incl_bias)
             parts.append(h)
             labels.extend(hl)
         if not parts:
