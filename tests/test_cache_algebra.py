@@ -172,3 +172,26 @@ def test_the_algebra_runs_unchanged_on_other_families(family):
         normed = cache.apply_ln_to_stack(cache.decompose_resid(view=view), view=view)
         head_in = view_tokens(cache[module.head_input_hook(view)], site, n)
         assert close(normed.sum(0) + module.resid_norm(view).bias, head_in)
+
+
+def test_vggt_heads_include_layerscale_and_the_global_attention_splits():
+    from test_vggt import TINY as VGGT_TINY
+
+    from mv_interp.adapters.vggt import HookedVGGT, VGGTConfig
+
+    torch.manual_seed(0)
+    module = HookedVGGT(VGGTConfig(**VGGT_TINY)).eval()
+    with torch.no_grad():  # LayerScale away from its all-ones init, so folding it in matters
+        for mod in module.modules():
+            if hasattr(mod, "gamma"):
+                mod.gamma.mul_(torch.rand_like(mod.gamma) + 0.5)
+    model = mv_interp.MVModel(module)
+    views = model.example_inputs(2, (28, 42), n_views=3)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(*views)
+    parts, labels = cache.decompose_resid(view=2, split_heads=True, return_labels=True)
+    assert "dec1.cross.v2.h1" in labels and "dec0.self.v2.bias" in labels  # global attention = the views' meeting
+    site = final_resid_site(module, 2, 3)
+    assert close(parts.sum(0), view_tokens(cache[site.hook], site, 3))
+    with pytest.raises(NotImplementedError, match="not one normed residual"):
+        module.resid_norm(2)
