@@ -123,13 +123,24 @@ def _without_package_inits(graph: dict[str, set[str]]) -> dict[str, set[str]]:
     return {v: {w for w in ws if not (_is_package(w) and v.startswith(w + "."))} for v, ws in graph.items()}
 
 
+# Known violations, each with its owner; the tests fail on any other. Landed by issue-18 (cache
+# algebra, attribution) while this test was being written: hooks.ActivationCache uses cache.py,
+# which reads adapters.base.view_tokens lazily; attribution and patching import each other (lazily)
+# and attribution reuses two private helpers. Remove an entry when its cause is fixed.
+KNOWN_CYCLES = [
+    ["mv_interp.adapters.base", "mv_interp.cache", "mv_interp.hooks", "mv_interp.layers", "mv_interp.types"],
+    ["mv_interp.interventions.attribution", "mv_interp.interventions.patching"],
+]
+KNOWN_PRIVATE_IMPORTS = {("mv_interp.interventions.attribution", "_views"), ("mv_interp.interventions.attribution", "_as_views")}
+
+
 def test_parser_sees_the_package():
     assert "mv_interp.adapters.base" in MODULES and "mv_interp.types" in MODULES
     assert "mv_interp.adapters.base" in _edges()["mv_interp.adapters.dust3r"]
 
 
 def test_no_import_cycle():
-    cycles = _cycles(_without_package_inits(_edges()))
+    cycles = [c for c in _cycles(_without_package_inits(_edges())) if c not in KNOWN_CYCLES]
     assert not cycles, "import cycles (lazy imports included): " + "; ".join(" ↔ ".join(c) for c in cycles)
 
 
@@ -138,7 +149,8 @@ def test_no_private_name_imported_from_another_module():
     for name in MODULES:
         for target, imported, line in _imports(name):
             leaf = imported if imported is not None else target.rsplit(".", 1)[-1]
-            if leaf.startswith("_") and not leaf.startswith("__") and target != name:
+            if leaf.startswith("_") and not leaf.startswith("__") and target != name \
+                    and (name, leaf) not in KNOWN_PRIVATE_IMPORTS:
                 if imported is None and target.rsplit(".", 1)[-1].startswith("_"):
                     # importing a private *module* (``_cli``, ``_compat``) of one's own package is fine
                     if target.rsplit(".", 1)[0] == name.rsplit(".", 1)[0] or target.rsplit(".", 1)[0] == name:
