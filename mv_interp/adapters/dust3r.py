@@ -15,6 +15,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from ..errors import OutOfRangeError
 from ..hooks import HookPoint
 from ..layers import (
     DecoderBlock,
@@ -74,6 +75,7 @@ class DUSt3RConfig(ConfigMixin):
     """Upstream flag for transposing portrait inputs; heads here handle any aspect."""
 
     def __post_init__(self) -> None:
+        self.check_fields()
         object.__setattr__(self, "img_size", _pair(self.img_size))
         object.__setattr__(self, "depth_mode", tuple(self.depth_mode))
         object.__setattr__(self, "conf_mode", tuple(self.conf_mode))
@@ -162,11 +164,11 @@ def config_from_constructor(kwargs: dict[str, Any], config_cls: type = DUSt3RCon
     if kwargs.get("norm_im2_in_dec") is False:
         raise ValueError("norm_im2_in_dec=False is not supported (every released checkpoint uses True)")
     merged = {**{k: v for k, v in defaults.items() if k in known}, **{k: v for k, v in kwargs.items() if k in known}}
-    if "img_size" in merged:
+    if isinstance(merged.get("img_size"), int):
         merged["img_size"] = _pair(merged["img_size"])
     for key in ("mlp_ratio", "norm_eps"):
-        if key in merged:
-            merged[key] = float(merged[key])
+        if isinstance(merged.get(key), int) and not isinstance(merged[key], bool):
+            merged[key] = float(merged[key])  # other types are left for the config's field check
     if merged.get("patch_embed_cls") == "ManyAR_PatchEmbed":
         merged["patch_embed_cls"] = "PatchEmbedDust3R"  # same weights and maths for one aspect ratio per batch
     return config_cls(**merged)
@@ -317,7 +319,7 @@ class HookedDUSt3R(MultiViewModel):
         else:
             raise ValueError(f"stack must be 'enc' or 'dec', got {stack!r}")
         if not -depth <= layer < depth:
-            raise IndexError(f"layer {layer} out of range for {prefix} (valid: 0..{depth - 1})")
+            raise OutOfRangeError(f"layer {layer} out of range for {prefix} (valid: 0..{depth - 1})")
         layer %= depth
         if name.startswith("cross_") and name[6:] in self._ATTN:
             if stack == "enc":
