@@ -14,7 +14,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from .errors import UserError, describe_os_error
+from .errors import UserError, check_writable, describe_os_error
 
 _PACKAGE = Path(__file__).resolve().parent
 
@@ -52,6 +52,16 @@ def _raised_here(e: BaseException) -> bool:
     return bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(_PACKAGE)
 
 
+def probe_output(args: argparse.Namespace) -> None:
+    """Prove ``--out`` writable before a command loads a model or computes anything: a read-only
+    folder, a full disk or a file in the way then fails in a second, not after the expensive steps.
+    An ``--out`` with a file suffix (``means.safetensors``) is probed in its folder."""
+    out = getattr(args, "out", None)
+    if isinstance(out, str) and out:
+        path = Path(out)
+        check_writable(path.parent if path.suffix and not path.is_dir() else path)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. The error policy (docs/reliability.md): a user error — a
     :class:`~mv_interp.errors.UserError`, or a ``ValueError`` raised by mv_interp's own checks —
@@ -64,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     prefix = f"mv-interp {args.command}: error:"
     try:
+        probe_output(args)
         return int(args.func(args) or 0)
     except UserError as e:
         print(f"{prefix} {e}", file=sys.stderr)

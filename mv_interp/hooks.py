@@ -195,7 +195,7 @@ class HookedRootModule(nn.Module):
     def hook_points(self) -> list[HookPoint]:
         return list(self.hook_dict.values())
 
-    def _resolve(self, names: NamesFilter) -> list[str]:
+    def _resolve(self, names: Any) -> list[str]:
         if isinstance(names, str) and names in self.hook_dict:
             return [names]
         if names is not None and not isinstance(names, str) and not callable(names):
@@ -219,7 +219,7 @@ class HookedRootModule(nn.Module):
         )
 
     # -- hooks ------------------------------------------------------------------
-    def add_hook(self, name: NamesFilter, hook: HookFn, dir: str = "fwd", is_permanent: bool = False):
+    def add_hook(self, name: Any, hook: HookFn, dir: str = "fwd", is_permanent: bool = False):
         handles = [self.hook_dict[n].add_hook(hook, dir=dir, is_permanent=is_permanent) for n in self._resolve(name)]
         return handles
 
@@ -228,8 +228,9 @@ class HookedRootModule(nn.Module):
             hp.remove_hooks(including_permanent=including_permanent)
 
     @contextlib.contextmanager
-    def hooks(self, fwd_hooks: Sequence[tuple[NamesFilter, HookFn]] = (), reset_hooks_end: bool = True):
-        """Context manager that installs ``fwd_hooks`` and removes them on exit.
+    def hooks(self, fwd_hooks: Any = (), reset_hooks_end: bool = True):
+        """Context manager that installs ``fwd_hooks`` (a list of ``(names, fn)`` pairs, checked
+        with a clear error) and removes them on exit.
 
         >>> with model.hooks([("dec_blocks2.1.hook_resid_mid", lambda x, hook: x * 0)]):
         ...     out = model(img1, img2)
@@ -244,13 +245,13 @@ class HookedRootModule(nn.Module):
                 for h in handles:
                     h.remove()
 
-    def run_with_hooks(self, *args: Any, fwd_hooks: Sequence[tuple[NamesFilter, HookFn]] = (),
+    def run_with_hooks(self, *args: Any, fwd_hooks: Any = (),
                        reset_hooks_end: bool = True, **kwargs: Any) -> Any:
         """Run the model with temporary forward hooks (TransformerLens semantics)."""
         with self.hooks(fwd_hooks, reset_hooks_end=reset_hooks_end):
             return self(*args, **kwargs)
 
-    def run_with_cache(self, *args: Any, names_filter: NamesFilter = None, device: Any = None,
+    def run_with_cache(self, *args: Any, names_filter: Any = None, device: Any = None,
                        detach: bool = True, **kwargs: Any) -> tuple[Any, ActivationCache]:
         """Run the model and record every hook selected by ``names_filter``.
 

@@ -35,13 +35,15 @@ class ImageRangeWarning(UserWarning):
     """Image values outside [-1, 1]: legal, but not what the models were trained on."""
 
 
-def check_views(views: Sequence[Any], device: Any = None, patch: int | None = None, where: str = "view") -> None:
+def check_views(views: Sequence[Any], device: Any = None, patch: int | None = None, where: str = "view",
+                values: bool = True) -> None:
     """Raise a :class:`~mv_interp.errors.UserError` unless every view is a float image batch
     ``[batch, 3, H, W]`` with finite values (on ``device`` when given); warn when values fall
     outside [-1, 1].
 
     Catches the inputs that otherwise run and give a wrong answer (uint8 / 0–255 images,
     NaN pixels) or fail deep inside a convolution (1 channel, channels-last, numpy arrays).
+    ``values=False`` checks types and shapes only (no pass over the pixels).
     """
     for i, x in enumerate(views, start=1):
         name = f"{where} {i}"
@@ -79,7 +81,7 @@ def check_views(views: Sequence[Any], device: Any = None, patch: int | None = No
         if device is not None and x.device != torch.device(device):
             raise UserError(f"{name} is on {x.device} but the model is on {torch.device(device)}: "
                             "move the images with .to(model.device) (or the model with .to(...))")
-        if torch.compiler.is_compiling():
+        if not values or torch.compiler.is_compiling():
             continue
         lo, hi = (float(v) for v in torch.aminmax(x.detach().float()))
         if not (np.isfinite(lo) and np.isfinite(hi)):
@@ -88,9 +90,14 @@ def check_views(views: Sequence[Any], device: Any = None, patch: int | None = No
                             "Fix or drop those images")
         if lo < -1 - RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
             hint = (" — it looks like 0-255 pixels: divide by 127.5 and subtract 1 (or use mv_interp.load_images)"
-                    if hi > 2 else " — normalise to [-1, 1] (mean 0.5, std 0.5, as mv_interp.load_images does)")
+                    if hi > 10 else " — normalise to [-1, 1] (mean 0.5, std 0.5, as mv_interp.load_images does)")
             warnings.warn(f"{name} has values in [{lo:.3g}, {hi:.3g}], outside the [-1, 1] the model was trained "
                           f"on{hint}", ImageRangeWarning, stacklevel=3)
+        elif lo >= 0 and hi > 0.5 and x[0].numel() >= 3 * 16 * 16:
+            # a photo normalised to [-1, 1] has pixels darker than mid-grey; [0, 1] images have none
+            warnings.warn(f"{name} has no negative values ([{lo:.3g}, {hi:.3g}]): it looks like [0, 1] pixels; "
+                          "the model takes [-1, 1]: use x * 2 - 1 (or mv_interp.load_images)", ImageRangeWarning,
+                          stacklevel=3)
 
 
 def _open(image) -> "Image.Image":  # noqa: F821

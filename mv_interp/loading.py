@@ -126,14 +126,19 @@ def read_torch_file(path: str | os.PathLike) -> Any:
         raise
     except Exception as e:  # noqa: BLE001 - torch raises many types on foreign files
         text = str(e)
-        if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text or "allowed global" in text:
-            raise CheckpointError(
-                f"refusing {path}: it pickles objects beyond tensors and argparse.Namespace{_refusal_detail(text)}, "
-                "which mv_interp refuses: it loads with weights_only=True and never unpickles other objects (they can run "
-                "code). If you trust the file, "
-                "re-save its state dict as safetensors where it was made"
-            ) from None
-        kind = "a truncated or damaged zip checkpoint" if zipped else "not a PyTorch checkpoint (torch.save output)"
+        never = ("mv_interp loads with weights_only=True and never unpickles other objects (they can run code); "
+                 "if you trust the file, re-save its state dict as safetensors where it was made")
+        if "Unsupported global" in text or "allowed global" in text:
+            raise CheckpointError(f"refusing {path}: it pickles objects beyond tensors and argparse.Namespace"
+                                  f"{_refusal_detail(text)}. {never}") from None
+        if "weights_only" in text or "Unsupported operand" in text:
+            raise CheckpointError(f"refusing {path}: the weights-only unpickler rejects it{_refusal_detail(text)}: it "
+                                  f"is not a plain checkpoint of tensors (a pickle of other objects, a damaged "
+                                  f"file, or no checkpoint at all). {never}") from None
+        with open(path, "rb") as f:
+            zip_magic = f.read(4) == b"PK\x03\x04"
+        kind = ("a truncated or damaged zip checkpoint" if zipped or zip_magic
+                else "not a PyTorch checkpoint (torch.save output)")
         raise CheckpointError(
             f"cannot read {path}: {kind} ({type(e).__name__}). Re-download or re-save it; mv_interp reads "
             "official .pth checkpoints, .safetensors files and HF-style directories"

@@ -194,23 +194,31 @@ class ConfigMixin:
     :meth:`check_fields`, the type and range check every family's ``__post_init__`` runs first."""
 
     def check_fields(self) -> None:
-        """Raise :class:`~mv_interp.errors.ConfigError` naming the field, the value and what it must be.
+        """Raise :class:`~mv_interp.errors.ConfigError` naming the field, the value and what it must be
+        (see :meth:`check_values`)."""
+        self.check_values({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})  # type: ignore[arg-type]
+
+    @classmethod
+    def check_values(cls, values: Mapping[str, Any]) -> None:
+        """Check field values before the dataclass is built (so runtime type checkers never see them first).
 
         Types come from the field annotations (``int``, ``float``, ``str``, ``bool``, ``tuple``,
         ``tuple[int, int]``, optionally ``| None``); widths, depths, head counts, patch sizes, ratios
         and epsilons must be positive; ``pos_embed`` must be ``"RoPE<base>"``; ``depth_mode`` /
         ``conf_mode`` ``(mode, vmin, vmax)`` with a known mode.
         """
-        cls = type(self).__name__
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            v, ann = getattr(self, f.name), str(f.type).replace(" ", "")
+        name = cls.__name__
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            if f.name not in values:
+                continue
+            v, ann = values[f.name], str(f.type).replace(" ", "")
             optional = ann.endswith("|None") or ann.startswith("None|")
             base = ann.replace("|None", "").replace("None|", "")
             if v is None and optional:
                 continue
 
             def bad(what: str) -> ConfigError:
-                return ConfigError(f"{cls}.{f.name} must be {what}, got {v!r} ({type(v).__name__}); "
+                return ConfigError(f"{name}.{f.name} must be {what}, got {v!r} ({type(v).__name__}); "
                                    "fix it in config.json / the config you pass")
 
             positive = f.name.endswith(_POSITIVE_SUFFIXES)
@@ -233,17 +241,17 @@ class ConfigMixin:
             elif base.startswith("tuple"):
                 if not isinstance(v, (tuple, list)):
                     raise bad("a list / tuple")
-        pos = getattr(self, "pos_embed", None)
+        pos = values.get("pos_embed")
         if isinstance(pos, str) and not _ROPE.fullmatch(pos):
-            raise ConfigError(f"{cls}.pos_embed={pos!r} is not supported: mv_interp implements RoPE2D, written "
+            raise ConfigError(f"{name}.pos_embed={pos!r} is not supported: mv_interp implements RoPE2D, written "
                               "'RoPE<base>' (e.g. 'RoPE100', which every released checkpoint uses)")
         for key, modes in (("depth_mode", _POINT_MODES), ("conf_mode", _CONF_MODES), ("desc_conf_mode", _CONF_MODES)):
-            mode = getattr(self, key, None)
+            mode = values.get(key)
             if mode is None:
                 continue
             if not (isinstance(mode, (tuple, list)) and len(mode) == 3 and mode[0] in modes
                     and all(_is_number(x) for x in mode[1:]) and mode[1] <= mode[2]):
-                raise ConfigError(f"{cls}.{key}={mode!r} must be (mode, vmin, vmax) with mode one of {list(modes)} "
+                raise ConfigError(f"{name}.{key}={mode!r} must be (mode, vmin, vmax) with mode one of {list(modes)} "
                                   "and numbers vmin <= vmax (e.g. ('exp', 1, inf))")
 
     def to_dict(self) -> dict[str, Any]:
@@ -258,8 +266,11 @@ class ConfigMixin:
         unknown = sorted(set(data) - names)
         if unknown:
             hints = "".join(suggest(u, names) for u in unknown)
-            raise ConfigError(f"{cls.__name__}: unknown field(s) {unknown}.{hints} Valid fields: {sorted(names)}")
-        return cls(**{k: _from_jsonable(v) for k, v in data.items()})
+            raise ConfigError(f"{cls.__name__}: unknown field(s) {unknown}; valid fields: {sorted(names)}.{hints}")
+        values = {k: _from_jsonable(v) for k, v in data.items()}
+        if hasattr(cls, "check_values"):
+            cls.check_values(values)
+        return cls(**values)
 
     def replace(self, **changes: Any):
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]

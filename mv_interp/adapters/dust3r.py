@@ -15,7 +15,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from ..errors import OutOfRangeError
+from ..errors import ConfigError, OutOfRangeError, suggest
 from ..hooks import HookPoint
 from ..layers import (
     DecoderBlock,
@@ -157,9 +157,9 @@ def config_from_constructor(kwargs: dict[str, Any], config_cls: type = DUSt3RCon
     ignored = IGNORED_KWARGS | set(extra_ignored)
     unknown = sorted(set(kwargs) - known - ignored)
     if unknown:
-        raise ValueError(
-            f"checkpoint constructor has keyword(s) {unknown} that mv_interp does not know; "
-            f"known: {sorted(known | ignored)}"
+        raise ConfigError(
+            f"checkpoint constructor / config.json has keyword(s) {unknown} that mv_interp does not know."
+            + "".join(suggest(u, known) for u in unknown) + f" Known: {sorted(known | ignored)}"
         )
     if kwargs.get("norm_im2_in_dec") is False:
         raise ValueError("norm_im2_in_dec=False is not supported (every released checkpoint uses True)")
@@ -171,6 +171,7 @@ def config_from_constructor(kwargs: dict[str, Any], config_cls: type = DUSt3RCon
             merged[key] = float(merged[key])  # other types are left for the config's field check
     if merged.get("patch_embed_cls") == "ManyAR_PatchEmbed":
         merged["patch_embed_cls"] = "PatchEmbedDust3R"  # same weights and maths for one aspect ratio per batch
+    config_cls.check_values(merged)
     return config_cls(**merged)
 
 

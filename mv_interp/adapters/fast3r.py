@@ -305,7 +305,8 @@ def fast3r_config_from_constructor(kwargs: dict[str, Any]) -> Fast3RConfig:
     for key in ("enc_mlp_ratio", "dec_mlp_ratio"):
         if isinstance(fields.get(key), int) and not isinstance(fields[key], bool):
             fields[key] = float(fields[key])
-    return Fast3RConfig(**fields)  # its field check reports wrong types by name
+    Fast3RConfig.check_values(fields)
+    return Fast3RConfig(**fields)
 
 
 def convert_state_dict(state_dict: dict[str, Tensor], config: Fast3RConfig) -> dict[str, Tensor]:
