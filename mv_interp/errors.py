@@ -87,10 +87,12 @@ def check_writable(folder: str | os.PathLike, what: str = "--out") -> Path:
             f.write(b"\0" * 4096)  # a little data, so a full disk shows now rather than mid-run
             f.flush()
             os.fsync(f.fileno())
+    except OSError as e:
+        raise type(e)(e.errno, e.strerror or str(e), str(folder)) from None  # name the folder, not the probe
     finally:
         try:
             probe.unlink()
-        except FileNotFoundError:
+        except OSError:
             pass
     return folder
 

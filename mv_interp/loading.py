@@ -364,6 +364,31 @@ def save_pretrained(model: Any, directory: str | os.PathLike, extra: Mapping[str
     return directory
 
 
+#: names :func:`atomic_write` gives its temporary files (``.{target}.{random}.tmp``)
+TMP_GLOB = ".*.tmp"
+
+
+def remove_stale_tmp(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
+    """Remove the temporary files that writes interrupted by a kill left in ``folder``; returns them.
+
+    Call it when a run starts in a folder it owns (two runs writing one folder at once are not
+    supported anyway).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = sorted((folder.rglob if recursive else folder.glob)(TMP_GLOB))
+    removed = []
+    for p in found:
+        if p.is_file() and not p.is_symlink():
+            try:
+                p.unlink()
+                removed.append(p)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
 def _as_os_error(e: RuntimeError, target: Path) -> BaseException:
     """torch's writer reports a full disk as ``basic_ios::clear`` / ``inline_container.cc`` errors:
     give them back as the ``OSError`` they are (ENOSPC when the disk is full), naming the file."""

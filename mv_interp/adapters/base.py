@@ -193,6 +193,9 @@ class ConfigMixin:
     """JSON round-trip for frozen config dataclasses (``inf`` written as ``"inf"``), and
     :meth:`check_fields`, the type and range check every family's ``__post_init__`` runs first."""
 
+    #: model configs: :meth:`from_dict` checks field types and ranges before building the dataclass
+    checks_field_types: ClassVar[bool] = False
+
     def check_fields(self) -> None:
         """Raise :class:`~mv_interp.errors.ConfigError` naming the field, the value and what it must be
         (see :meth:`check_values`)."""
@@ -268,7 +271,7 @@ class ConfigMixin:
             hints = "".join(suggest(u, names) for u in unknown)
             raise ConfigError(f"{cls.__name__}: unknown field(s) {unknown}; valid fields: {sorted(names)}.{hints}")
         values = {k: _from_jsonable(v) for k, v in data.items()}
-        if hasattr(cls, "check_values"):
+        if cls.checks_field_types:
             cls.check_values(values)
         return cls(**values)
 

@@ -39,6 +39,8 @@ INF = math.inf
 class DUSt3RConfig(ConfigMixin):
     """Architecture of a DUSt3R-family model (defaults: DUSt3R_ViTLarge_BaseDecoder_224_linear)."""
 
+    checks_field_types = True
+
     img_size: tuple[int, int] = (224, 224)
     """(H, W) the model was trained at; any multiple of ``patch_size`` runs."""
     patch_size: int = 16

@@ -76,6 +76,8 @@ ImageIds = Union[Int[Tensor, "batch view"], Int[Tensor, "view"], Sequence[int], 
 class Fast3RConfig(ConfigMixin):
     """Architecture of a Fast3R model with a CroCo encoder and the ``fast3r`` fusion decoder."""
 
+    checks_field_types = True
+
     img_size: tuple[int, int] = (512, 512)
     """(H, W) the model was trained at; any multiple of ``patch_size`` runs."""
     patch_size: int = 16
