@@ -55,11 +55,18 @@ def _raised_here(e: BaseException) -> bool:
 def probe_output(args: argparse.Namespace) -> None:
     """Prove ``--out`` writable before a command loads a model or computes anything: a read-only
     folder, a full disk or a file in the way then fails in a second, not after the expensive steps.
-    An ``--out`` with a file suffix (``means.safetensors``) is probed in its folder."""
+    An ``--out`` with a file suffix (``means.safetensors``) is probed in its folder; an output folder
+    also loses the temporary files of writes a killed run left there."""
     out = getattr(args, "out", None)
     if isinstance(out, str) and out:
         path = Path(out)
-        check_writable(path.parent if path.suffix and not path.is_dir() else path)
+        if path.suffix and not path.is_dir():
+            check_writable(path.parent)
+        else:
+            from .loading import remove_stale_tmp
+
+            check_writable(path)
+            remove_stale_tmp(path)  # of a run of this command killed inside a write
 
 
 def main(argv: list[str] | None = None) -> int:

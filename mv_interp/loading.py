@@ -364,8 +364,9 @@ def save_pretrained(model: Any, directory: str | os.PathLike, extra: Mapping[str
     return directory
 
 
-#: names :func:`atomic_write` gives its temporary files (``.{target}.{random}.tmp``)
+#: names :func:`atomic_write` gives its temporary files (``.{target}.{8 random characters}.tmp``)
 TMP_GLOB = ".*.tmp"
+_TMP_NAME = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")
 
 
 def remove_stale_tmp(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
@@ -380,7 +381,7 @@ def remove_stale_tmp(folder: str | os.PathLike, recursive: bool = True) -> list[
     found = sorted((folder.rglob if recursive else folder.glob)(TMP_GLOB))
     removed = []
     for p in found:
-        if p.is_file() and not p.is_symlink():
+        if _TMP_NAME.fullmatch(p.name) and p.is_file() and not p.is_symlink():
             try:
                 p.unlink()
                 removed.append(p)

@@ -50,14 +50,17 @@ def _child(what: str, out: str, env: dict[str, str], steps: int) -> None:
     os._exit(0)  # skip pytest's atexit machinery in the child
 
 
-def _start(what: str, out: Path, env: dict[str, str] | None = None, steps: int = 8):
+STEPS = 6  # probe steps of a run (a checkpoint every 2)
+
+
+def _start(what: str, out: Path, env: dict[str, str] | None = None, steps: int = STEPS):
     p = _FORK.Process(target=_child, args=(what, str(out), env or {}, steps))
     p.start()
     return p
 
 
 def run_to_completion(what: str, out: Path, kill_after: list[float] = (), faults: list[dict[str, str]] = (),
-                      steps: int = 8) -> dict[str, int]:
+                      steps: int = STEPS) -> dict[str, int]:
     """Run ``what`` in ``out``: first once per fault (each must die), then once per kill time
     (SIGKILL after that many seconds, if still running), then to the end. Returns counts."""
     counts = Counter()
@@ -244,7 +247,7 @@ def test_damaged_checkpoint_is_retrained_with_a_message(tmp_path, probes_referen
     data = (out / CHECKPOINT).read_bytes()
     (out / CHECKPOINT).write_bytes(data[: len(data) // 3])  # truncated by something else
     with pytest.warns(RuntimeWarning, match=r"checkpoint\.pt is damaged .*training these probes again from step 0"):
-        fault_driver.probes(str(out), 8)
+        fault_driver.probes(str(out), STEPS)
     _compare(ref, snapshot(out))
 
 
@@ -273,14 +276,15 @@ def test_damaged_step_file_is_recomputed_never_reused(tmp_path):
 
 def test_stale_temporary_files_are_removed_on_start(tmp_path):
     (tmp_path / "heads").mkdir()
-    stale = [tmp_path / "heads" / ".heatmap_self.png.k2j3.tmp", tmp_path / ".manifest.json.abcd.tmp"]
+    stale = [tmp_path / "heads" / ".heatmap_self.png.k2j3x_9q.tmp", tmp_path / ".manifest.json.abcd1234.tmp"]
     for p in stale:
         p.write_bytes(b"half")
-    keep = tmp_path / "heads" / "heatmap_self.png"
-    keep.write_bytes(b"png")
+    keep = [tmp_path / "heads" / "heatmap_self.png", tmp_path / ".my_notes.tmp"]  # not an atomic write's name
+    for p in keep:
+        p.write_bytes(b"keep")
     logs: list[str] = []
     Steps(tmp_path, log=logs.append)
-    assert not any(p.exists() for p in stale) and keep.exists()
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in keep)
     assert logs == ["removed 2 temporary file(s) left by an interrupted run"]
 
 
