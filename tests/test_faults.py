@@ -34,8 +34,19 @@ from mv_interp.report.steps import Steps
 FAULT_COUNTS: Counter = Counter()
 ROOT = str(Path(__file__).resolve().parents[1])
 _FORK = multiprocessing.get_context("fork")
-# files whose content holds timings or dates; they are compared without them (or not at all)
+# files whose content holds timings or dates; they are compared without them (or not at all: the
+# page and its summary, the manifest, and rerun recordings, which carry a fresh recording id and times)
 _TIMED = {"report.html", "summary.json", "manifest.json"}
+_TIMED_SUFFIXES = {".rrd"}
+_TIMING_KEYS = {"seconds", "time_s", "created", "finished"}
+
+
+def _untimed(obj):
+    if isinstance(obj, dict):
+        return {k: _untimed(v) for k, v in obj.items() if k not in _TIMING_KEYS}
+    if isinstance(obj, list):
+        return [_untimed(v) for v in obj]
+    return obj
 
 
 def _child(what: str, out: str, env: dict[str, str], steps: int) -> None:
@@ -94,10 +105,12 @@ def snapshot(out: Path) -> dict[str, str]:
         if not p.is_file():
             continue
         rel = p.relative_to(out).as_posix()
-        if p.name in _TIMED:
+        if p.name in _TIMED or p.suffix in _TIMED_SUFFIXES:
             result[rel] = "(timed)"
             continue
         data = p.read_bytes()
+        if p.suffix == ".json":
+            data = json.dumps(_untimed(json.loads(data)), sort_keys=True).encode()
         if p.suffix == ".pt":  # torch.save writes a fresh serialization id into every file: compare the contents
             data = _contents(torch.load(p, map_location="cpu", weights_only=True)).encode()
         if p.name == LOG:
