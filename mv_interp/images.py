@@ -35,6 +35,12 @@ class ImageRangeWarning(UserWarning):
     """Image values outside [-1, 1]: legal, but not what the models were trained on."""
 
 
+def _is_fake(x: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(x)
+
+
 def check_views(views: Sequence[Any], device: Any = None, patch: int | None = None, where: str = "view",
                 values: bool = True) -> None:
     """Raise a :class:`~mv_interp.errors.UserError` unless every view is a float image batch
@@ -81,8 +87,8 @@ def check_views(views: Sequence[Any], device: Any = None, patch: int | None = No
         if device is not None and x.device != torch.device(device):
             raise UserError(f"{name} is on {x.device} but the model is on {torch.device(device)}: "
                             "move the images with .to(model.device) (or the model with .to(...))")
-        if not values or torch.compiler.is_compiling():
-            continue
+        if not values or torch.compiler.is_compiling() or x.device.type == "meta" or _is_fake(x):
+            continue  # no values to look at (shape inference: scan, hook_shapes)
         lo, hi = (float(v) for v in torch.aminmax(x.detach().float()))
         if not (np.isfinite(lo) and np.isfinite(hi)):
             bad = int((~torch.isfinite(x)).sum())
