@@ -36,9 +36,11 @@ class ImageRangeWarning(UserWarning):
 
 
 def _is_fake(x: torch.Tensor) -> bool:
+    """A fake tensor, or a forward under a fake / dispatch mode (shape inference): no values to read."""
     from torch._subclasses.fake_tensor import is_fake
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-    return is_fake(x)
+    return is_fake(x) or _get_current_dispatch_mode() is not None
 
 
 def check_views(views: Sequence[Any], device: Any = None, patch: int | None = None, where: str = "view",
