@@ -38,8 +38,14 @@ class HookPoint(nn.Module):
         self.name: str | None = None
         self._watchers: list[Callable[[HookPoint], bool]] = []
         self._permanent: set[int] = set()
+        #: where :meth:`HookedRootModule.capture` records this point's value (``None``: not recording)
+        self._sink: dict[str, Tensor] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
+        # A sink is a plain dict store: no hook dispatch, no copy, no cast, no host sync, and
+        # torch.compile traces it (a dict write) where it cannot trace a Python forward hook.
+        if self._sink is not None:
+            self._sink[self.name] = x
         return x
 
     def add_hook(self, hook: HookFn, dir: str = "fwd", is_permanent: bool = False):
@@ -76,7 +82,7 @@ class HookPoint(nn.Module):
         Models use this to choose between a fused kernel (SDPA) and the explicit path
         that materialises the attention scores and pattern.
         """
-        if self._forward_hooks:
+        if self._forward_hooks or self._sink is not None:
             return True
         return any(w(self) for w in self._watchers)
 
@@ -227,9 +233,37 @@ class HookedRootModule(nn.Module):
             store[hook.name] = y.to(device) if device is not None else y
 
         names = self._resolve(names_filter)
-        with self.hooks([(n, save) for n in names]):
-            out = self(*args, **kwargs)
+        # points with a torch hook record through a hook (after the edits of hooks registered
+        # before); the others through the fast sink, which sees the same value
+        hooked = [n for n in names if self.hook_dict[n]._forward_hooks]
+        fast = [n for n in names if not self.hook_dict[n]._forward_hooks]
+        with self.hooks([(n, save) for n in hooked]):
+            out, sunk = self.capture(*args, names=fast, **kwargs)
+        for name, x in sunk.items():
+            save(x, self.hook_dict[name])
         return out, ActivationCache(store, getattr(self, "act_name", None))
+
+    def capture(self, *args: Any, names: Sequence[str], **kwargs: Any) -> tuple[Any, dict[str, Tensor]]:
+        """Run the model and return ``(output, {hook name: activation})`` for the hook points ``names``.
+
+        The fast capture used by probe training, evaluation and head scoring: each point stores a
+        reference to its activation (nothing is copied, cast, detached or synchronised), and the
+        run takes the model's compiled fast path when one is enabled (:meth:`enable_compile`).
+        A value is what enters the hook point, i.e. before the edits of any torch hook on it.
+
+        >>> out, acts = model.capture(img1, img2, names=["dec_blocks2.1.hook_resid_post"])
+        """
+        points = [self.hook_dict[n] for n in names]
+        store: dict[str, Tensor] = {}
+        try:
+            for hp in points:
+                hp._sink = store
+            fast = getattr(self, "_fast_path", None)
+            out = fast(*args, **kwargs) if fast is not None else self(*args, **kwargs)
+        finally:
+            for hp in points:
+                hp._sink = None
+        return out, store
 
     # -- introspection ------------------------------------------------------------
     def record_hook_order(self, *args: Any, **kwargs: Any) -> list[tuple[str, tuple[int, ...]]]:
