@@ -258,7 +258,7 @@ class HookedRootModule(nn.Module):
         try:
             for hp in points:
                 hp._sink = store
-            fast = getattr(self, "_fast_path", None)
+            fast = self.__dict__.get("_fast_path")
             out = fast(*args, **kwargs) if fast is not None else self(*args, **kwargs)
         finally:
             for hp in points:

@@ -77,6 +77,9 @@ class RoPE2D(nn.Module):
         self._cache: dict[tuple, tuple[Tensor, Tensor]] = {}
 
     def tables(self, pos: Int[Tensor, "pos 2"], d_head: int) -> tuple[Tensor, Tensor]:
+        if torch.compiler.is_compiling():
+            # compiled: the key would read tensor values (a graph break); the tables fold into the graph
+            return rope2d_cos_sin(pos, d_head, self.base)
         key = (pos.device, d_head, tuple(pos.shape), int(pos[:, 0].max()), int(pos[:, 1].max()), int(pos.sum()))
         hit = self._cache.get(key)
         if hit is None:
