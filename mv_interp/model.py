@@ -24,7 +24,9 @@ Reads inside a trace must follow execution order (``model.hook_names()``).
 
 from __future__ import annotations
 
+import inspect
 import time
+import types
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
@@ -262,7 +264,9 @@ class FastPath:
         self._module = weakref.ref(module)
         self._modules = list(module.modules())
         self._points = list(module.hook_dict.values())
-        self._compiled = torch.compile(module.forward, **compile_kwargs)
+        # the undecorated forward: runtime shape checks (jaxtyping under pytest) do not trace
+        forward = types.MethodType(inspect.unwrap(type(module).forward), module)
+        self._compiled = torch.compile(forward, **compile_kwargs)
         self.compile_kwargs = dict(compile_kwargs)
         self.compile_seconds: dict[str, float] = {}
         self.calls = {"compiled": 0, "eager": 0}

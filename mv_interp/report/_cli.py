@@ -16,9 +16,9 @@ import sys
 from .._cli import add_model_args
 
 
-def _run(args: argparse.Namespace) -> int:
+def config_from_args(args: argparse.Namespace):
+    """The :class:`ReportConfig` the options ask for: ``--preset`` (or ``--fast``) and the overrides."""
     from .config import ReportConfig
-    from .runner import run_report
 
     if args.fast and args.preset not in (None, "fast"):
         raise SystemExit(f"mv-interp report: --fast and --preset {args.preset} disagree; give one of them")
@@ -26,6 +26,13 @@ def _run(args: argparse.Namespace) -> int:
         pairs=args.pairs, probe_steps=args.probe_steps, batch_size=args.batch_size, probe_width=args.probe_width,
         control_steps=args.control_steps,
         control=False if args.no_control else None, seed=args.seed)
+    return cfg
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .runner import run_report
+
+    cfg = config_from_args(args)
     force: bool | list[str] = False
     if args.force is not None:
         force = True if not args.force else list(args.force)
