@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import sys
 import time
@@ -111,7 +112,9 @@ def main() -> None:
     print(table)
     body = (
         f"DUSt3R {args.config} at full size (random weights), {n_hooks} hook points, one {H}×{W} pair, fp32, "
-        f"device {args.device}, median of {args.repeats} interleaved runs. Target: `hooked` within 3 % of `stripped`.\n\n"
+        f"device {args.device}, median of {args.repeats} interleaved runs. Target: `hooked` within 3 % of `stripped`; "
+        "`hooked, identity HookPoint` is the hooked path before the fast capture (the before/after of that change)."
+        + (f" Load average at the end: {os.getloadavg()[0]:.1f}." if hasattr(os, "getloadavg") else "") + "\n\n"
         + table
     )
     record(f"Hook overhead ({args.device})", body, f"python benchmarks/bench_hooks.py --device {args.device} --repeats {args.repeats}")
