@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mv_interp.model import enable_compile
-from mv_interp.probes import ProbeSet, ProbeSpec, TrainConfig, probe_loss, train_probes
+from mv_interp.probes import ProbeSet, TrainConfig, probe_loss, train_probes
 from mv_interp.probes.data import Prefetcher, SyntheticSource, TensorSource, shard_batch, slice_batch
 from mv_interp.probes.losses import stacked_probe_loss
 
@@ -140,39 +140,14 @@ def test_fast_path_falls_back_to_eager_whenever_a_hook_needs_it(tiny_model):
 
 
 @pytest.mark.slow
-def test_compiled_path_matches_eager_and_the_fixture(linear_fixture):
-    """Inductor on CPU (minutes on 2 cores): fp32 parity with the fixture on both paths, bf16
-    within bf16 tolerance, captures equal, hooks still served (eagerly)."""
-    import mv_interp
-    from fixture_utils import FIXTURES
-
-    meta, tensors = linear_fixture
-    model = mv_interp.load_model(FIXTURES / "dust3r" / "dust3r_tiny_linear.pth")
-    img1, img2 = tensors["input.img1"], tensors["input.img2"]
-    with torch.no_grad():
-        eager = model.forward(img1, img2)
-        fast = enable_compile(model)
-        compiled = model.forward(img1, img2)
-        assert fast.calls["compiled"] == 1 and next(iter(fast.compile_seconds.values())) > 0
-        for v in (0, 1):
-            torch.testing.assert_close(compiled[v]["pts3d"], eager[v]["pts3d"], rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(compiled[v]["pts3d"], tensors[f"output.view{v + 1}.pts3d"], rtol=1e-3,
-                                       atol=1e-4)
-        names = sorted({s.hook for s in model.probe_sites()})
-        _, ref = model.module.run_with_cache(img1, img2, names_filter=names)
-        fast.compile_seconds.clear()
-        _, acts = model.module.capture(img1, img2, names=names)
-        for n in names:
-            torch.testing.assert_close(acts[n], ref[n], rtol=1e-4, atol=1e-5)
-        hit = []
-        with model.hooks([(names[0], lambda x, hook: hit.append(x.shape))]):
-            model.forward(img1, img2)
-        assert hit and fast.calls["eager"] == 1
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            b_fast = model.forward(img1, img2)[1]["pts3d"]
-            enable_compile(model, False)
-            b_eager = model.forward(img1, img2)[1]["pts3d"]
-        torch.testing.assert_close(b_fast.float(), b_eager.float(), rtol=5e-2, atol=5e-2)
+def test_compiled_path_matches_eager_and_the_fixture():
+    """Inductor on CPU (minutes on 2 cores): fp32 parity with the fixture on both paths, the compiled
+    capture equals run_with_cache, a hook is still served (eagerly), bf16 within bf16 tolerance. Runs
+    ``tests/compiled_check.py`` outside pytest, whose jaxtyping/beartype wrappers dynamo cannot trace."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, str(ROOT / "tests" / "compiled_check.py")], env=env, capture_output=True,
+                         text=True, timeout=3000)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
 
 def _run_distributed(out: Path, nproc: int) -> None:

@@ -8,6 +8,9 @@ the data format (``img``, ``pts3d``, ``valid``, ``depth`` … see :mod:`mv_inter
 from __future__ import annotations
 
 import os
+import queue
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -232,9 +235,6 @@ class Prefetcher:
     """
 
     def __init__(self, make: Any, first: int, last: int, device: Any, depth: int = 2):
-        import queue
-        import threading
-
         self.make, self.first, self.last = make, first, last
         self.device = torch.device(device)
         self.stall_s = 0.0
@@ -263,14 +263,12 @@ class Prefetcher:
                 try:
                     self._queue.put(item, timeout=0.1)
                     break
-                except Exception:  # queue.Full: the consumer is busy; check for close() and retry
+                except queue.Full:  # the consumer is busy: check for close() and retry
                     continue
             if item[3] is not None:
                 return
 
     def get(self, step: int) -> Batch:
-        import time
-
         t0 = time.perf_counter()
         got, views, event, exc = self._queue.get()
         self.stall_s += time.perf_counter() - t0
