@@ -24,6 +24,10 @@ against the N = 1 run.
     torchrun --nproc-per-node 8 benchmarks/bench_gpu.py --device cuda --distributed
     python benchmarks/bench_gpu.py --device cpu --smoke                   # tiny sizes, checks the script
 
+Compiling full-size DUSt3R takes a minute or more per variant and input shape, so the whole run
+may not fit a 10-minute call; split it then (each part records its own section):
+``--sections forward capture`` and ``--sections probes report fast3r``.
+
 ``--smoke`` shrinks every size (tiny models, batches 1/2, a few steps) so the script runs on a CPU
 in about a minute; its numbers only show that every section runs, and they are recorded
 (labelled smoke) only with ``--record``.
@@ -379,7 +383,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[list]]:
                     f"{'tiny' if s else args.config}, ranks {D.world_size()}; percentages are of the bf16 matmul "
                     "ceiling measured in this run. Report rows with a scale ≠ 1 are projections from a timed "
                     "fraction.\n\n" + "\n\n".join(text))
-            section = "GPU benchmark (bench_gpu.py" + (", distributed" if args.distributed else "") + f", {kind})"
+            part = "" if args.distributed or set(args.sections) == set(SECTIONS) else f": {', '.join(args.sections)}"
+            section = "GPU benchmark (bench_gpu.py" + (", distributed" if args.distributed else "") + f", {kind}{part})"
             record(section, body)
     D.barrier()
     return tables
