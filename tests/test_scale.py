@@ -231,3 +231,19 @@ def test_bench_gpu_smoke(tmp_path):
 def test_bench_gpu_smoke_report(tmp_path):
     tables = _bench_gpu(tmp_path, ["report"])
     assert tables["report"][-1][0].startswith("total (projected")
+
+
+def test_eta_log_reports_rate_and_eta_every_tenth():
+    from mv_interp.report.runner import EtaLog
+
+    lines: list[str] = []
+    hook = EtaLog(lines.append, "probes", pairs_per_step=4)
+    for done in range(1, 21):
+        hook(done, 20)
+    assert len(lines) == 10 and lines[-1].startswith("  probes: 20/20 steps (100%)")
+    assert all("pairs/s, ETA" in line for line in lines)
+    resumed: list[str] = []
+    hook = EtaLog(resumed.append, "probes")
+    for done in range(11, 21):  # a resumed run: the rate counts only this run's steps
+        hook(done, 20)
+    assert resumed and "ETA 0 s" in resumed[-1]
