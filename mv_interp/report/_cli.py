@@ -5,13 +5,13 @@
     mv-interp report --data my_capture/ --pairs 128    # a capture directory (docs/data.md)
     mv-interp report --fast --out /tmp/smoke           # a smoke run of every step (< 1 min on a CPU)
     mv-interp report --checkpoint DUSt3R_ViTLarge_BaseDecoder_224_linear.pth --device cuda --preset paper --compile
+    mv-interp report --images a.png b.png --out photos # two plain photos: what needs no ground truth
 """
 
 from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 
 from .._cli import add_model_args
 
@@ -26,6 +26,8 @@ def config_from_args(args: argparse.Namespace):
         pairs=args.pairs, probe_steps=args.probe_steps, batch_size=args.batch_size, probe_width=args.probe_width,
         control_steps=args.control_steps,
         control=False if args.no_control else None, seed=args.seed)
+    if args.query_patches:
+        cfg = cfg.changed(query_patches=tuple(args.query_patches))
     return cfg
 
 
@@ -36,12 +38,35 @@ def _run(args: argparse.Namespace) -> int:
     force: bool | list[str] = False
     if args.force is not None:
         force = True if not args.force else list(args.force)
-    files = run_report(args.model, cfg, args.out, data=args.data, device=args.device, model_config=args.config,
-                       family=args.family, force=force, progress=not args.quiet, compile=args.compile,
-                       command="mv-interp " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if
-                       len(sys.argv) > 1 and sys.argv[1] == "report" else "mv-interp report")
+    files = run_report(args.model, cfg, args.out, data=args.data, images=args.images, probes=args.probes,
+                       device=args.device, model_config=args.config, family=args.family, force=force,
+                       progress=not args.quiet, command=command_line(args), compile=args.compile)
     print(f"open {files['html'].resolve().as_uri()}")
     return 0
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces this run, rebuilt from the parsed options (whatever way the
+    CLI was entered: the ``mv-interp`` script, ``python -m``, or ``main([...])``): every option
+    that differs from its default, with the subcommand, shell-quoted so it can be pasted back."""
+    parts = ["mv-interp", "report"]
+    for action in _ACTIONS:
+        if not action.option_strings or action.dest in ("help", "quiet") or action.default == argparse.SUPPRESS:
+            continue
+        value = getattr(args, action.dest, action.default)
+        if value == action.default:
+            continue
+        flag = action.option_strings[-1] if action.option_strings[-1].startswith("--") else action.option_strings[0]
+        if isinstance(action, argparse._StoreTrueAction):
+            parts.append(flag)
+        elif isinstance(value, (list, tuple)):
+            parts += [flag] + [str(v) for v in value]
+        else:
+            parts += [flag, str(value)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+_ACTIONS: list[argparse.Action] = []  # the report parser's options (set by register)
 
 
 def register(sub) -> None:
@@ -60,6 +85,14 @@ def register(sub) -> None:
     p.add_argument("--checkpoint", dest="model", default=argparse.SUPPRESS,
                    help="same as --model (an official DUSt3R .pth, an HF-style directory, a state dict ...)")
     p.add_argument("--data", default=None, help="capture directory (docs/data.md); default: synthetic rooms")
+    p.add_argument("--images", nargs="+", default=None, metavar="IMAGE",
+                   help="plain photos as pairs (a.png b.png [c.png d.png ...]), no depth or cameras: the report runs "
+                        "everything that needs no ground truth and says which sections need it")
+    p.add_argument("--probes", default=None, metavar="DIR",
+                   help="with --images: a probe set trained on this model (e.g. a report's OUT/probes/model) to "
+                        "apply to the photos")
+    p.add_argument("--query-patches", type=int, nargs="+", default=None, metavar="TOKEN",
+                   help="query patches of the attention maps (token index = row * w + column)")
     p.add_argument("--pairs", type=int, default=None,
                    help="held-out pairs for every measurement (default 64; --fast 8)")
     p.add_argument("--out", default="mv_interp_out", help="output folder (default: %(default)s)")
@@ -82,3 +115,4 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=None, help="probe initialisation and training-data seed (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run)
+    _ACTIONS[:] = p._actions
