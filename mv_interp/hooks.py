@@ -22,6 +22,8 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
+from .cache import CacheAlgebra
+
 HookFn = Callable[[Tensor, "HookPoint"], Union[Tensor, None]]
 NamesFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
 
@@ -49,15 +51,28 @@ class HookPoint(nn.Module):
         return x
 
     def add_hook(self, hook: HookFn, dir: str = "fwd", is_permanent: bool = False):
-        """Register ``hook(activation, hook_point)``; returns a handle with ``.remove()``."""
-        if dir != "fwd":
-            raise ValueError(
-                f"HookPoint {self.name}: only forward hooks are supported (dir='fwd'), got dir={dir!r}; "
-                "for gradients, call .register_hook on the tensor inside a forward hook."
-            )
+        """Register ``hook(activation, hook_point)``; returns a handle with ``.remove()``.
 
-        def wrapped(module: nn.Module, inputs: tuple, output: Tensor):
-            return hook(output, self)
+        ``dir="bwd"`` (TransformerLens semantics): ``hook(grad, hook_point)`` receives the gradient
+        of whatever is backpropagated with respect to this hook's *output* during the backward
+        pass; a returned tensor replaces that gradient. It fires only when the forward ran with
+        gradients enabled and the activation depends on something that requires grad.
+        """
+        if dir not in ("fwd", "bwd"):
+            raise ValueError(f"HookPoint {self.name}: dir must be 'fwd' or 'bwd', got dir={dir!r}")
+
+        if dir == "fwd":
+            def wrapped(module: nn.Module, inputs: tuple, output: Tensor):
+                return hook(output, self)
+        else:
+            def wrapped(module: nn.Module, inputs: tuple, output: Tensor):
+                if not (isinstance(output, Tensor) and output.requires_grad and torch.is_grad_enabled()):
+                    return None
+                # a fresh autograd node, so the gradient is the hook output's alone: the identity
+                # returns its input tensor, which other paths (e.g. the other view's memory) may share
+                out = output.view_as(output)
+                out.register_hook(lambda grad: hook(grad, self))
+                return out
 
         handle = self.register_forward_hook(wrapped)
         if is_permanent:
@@ -103,17 +118,22 @@ def _compile_filter(names_filter: NamesFilter) -> Callable[[str], bool]:
     return match
 
 
-class ActivationCache(Mapping):
+class ActivationCache(CacheAlgebra, Mapping):
     """A read-only mapping from hook name to activation, with helpers.
 
     Keys are full hook names (``"dec_blocks2.3.hook_resid_post"``). Indexing also
     accepts a ``(short_name, layer)`` tuple or ``(short_name, layer, view)`` when the
-    owning model provides a name helper (see ``act_name``).
+    owning model provides a name helper (see ``act_name``). The TransformerLens cache
+    algebra (``accumulated_resid``, ``decompose_resid``, ``stack_head_results``, …) is in
+    :class:`mv_interp.cache.CacheAlgebra`; it needs the ``model`` that made the cache.
     """
 
-    def __init__(self, store: dict[str, Tensor], name_fn: Callable[..., str] | None = None):
+    def __init__(self, store: dict[str, Tensor], name_fn: Callable[..., str] | None = None, *,
+                 model: Any = None, batch_size: int | None = None, n_views: int | None = None,
+                 has_batch_dim: bool = True):
         self._store = store
         self._name_fn = name_fn
+        self._model, self.batch_size, self.n_views, self.has_batch_dim = model, batch_size, n_views, has_batch_dim
 
     def _key(self, key: Any) -> str:
         if isinstance(key, str):
@@ -141,7 +161,7 @@ class ActivationCache(Mapping):
         return len(self._store)
 
     def to(self, device: str | torch.device) -> ActivationCache:
-        return ActivationCache({k: v.to(device) for k, v in self._store.items()}, self._name_fn)
+        return self._derive({k: v.to(device) for k, v in self._store.items()})
 
     def stack(self, names: Sequence[str]) -> Tensor:
         """Stack several activations of equal shape on a new leading axis."""
@@ -189,6 +209,7 @@ class HookedRootModule(nn.Module):
 
     # -- hooks ------------------------------------------------------------------
     def add_hook(self, name: NamesFilter, hook: HookFn, dir: str = "fwd", is_permanent: bool = False):
+        """Register ``hook`` on every hook point ``name`` selects; ``dir="bwd"`` for gradients."""
         handles = [self.hook_dict[n].add_hook(hook, dir=dir, is_permanent=is_permanent) for n in self._resolve(name)]
         return handles
 
@@ -197,8 +218,9 @@ class HookedRootModule(nn.Module):
             hp.remove_hooks(including_permanent=including_permanent)
 
     @contextlib.contextmanager
-    def hooks(self, fwd_hooks: Sequence[tuple[NamesFilter, HookFn]] = (), reset_hooks_end: bool = True):
-        """Context manager that installs ``fwd_hooks`` and removes them on exit.
+    def hooks(self, fwd_hooks: Sequence[tuple[NamesFilter, HookFn]] = (), reset_hooks_end: bool = True,
+              bwd_hooks: Sequence[tuple[NamesFilter, HookFn]] = ()):
+        """Context manager that installs ``fwd_hooks`` (and ``bwd_hooks``) and removes them on exit.
 
         >>> with model.hooks([("dec_blocks2.1.hook_resid_mid", lambda x, hook: x * 0)]):
         ...     out = model(img1, img2)
@@ -207,6 +229,8 @@ class HookedRootModule(nn.Module):
         try:
             for name, fn in fwd_hooks:
                 handles.extend(self.add_hook(name, fn))
+            for name, fn in bwd_hooks:
+                handles.extend(self.add_hook(name, fn, dir="bwd"))
             yield self
         finally:
             if reset_hooks_end:
@@ -214,47 +238,71 @@ class HookedRootModule(nn.Module):
                     h.remove()
 
     def run_with_hooks(self, *args: Any, fwd_hooks: Sequence[tuple[NamesFilter, HookFn]] = (),
-                       reset_hooks_end: bool = True, **kwargs: Any) -> Any:
-        """Run the model with temporary forward hooks (TransformerLens semantics)."""
-        with self.hooks(fwd_hooks, reset_hooks_end=reset_hooks_end):
+                       reset_hooks_end: bool = True, bwd_hooks: Sequence[tuple[NamesFilter, HookFn]] = (),
+                       **kwargs: Any) -> Any:
+        """Run the model with temporary forward (and backward) hooks (TransformerLens semantics).
+
+        Backward hooks attach to the tensors of this forward, so they fire when you later call
+        ``.backward()`` on something computed from its output (even after the hook points were reset).
+        """
+        with self.hooks(fwd_hooks, reset_hooks_end=reset_hooks_end, bwd_hooks=bwd_hooks):
             return self(*args, **kwargs)
 
     def run_with_cache(self, *args: Any, names_filter: NamesFilter = None, device: Any = None,
-                       detach: bool = True, **kwargs: Any) -> tuple[Any, ActivationCache]:
+                       detach: bool = True, incl_bwd: bool = False, metric: Callable[[Any], Tensor] | None = None,
+                       **kwargs: Any) -> tuple[Any, ActivationCache]:
         """Run the model and record every hook selected by ``names_filter``.
 
         ``names_filter``: ``None`` (all), a name, a glob (``"dec_blocks2.*.hook_resid_post"``),
         a list of names/globs, or a predicate on the name.
+
+        ``incl_bwd=True`` also records the gradient of ``metric`` with respect to each selected
+        hook's output, under ``name + "_grad"`` (TransformerLens names). ``metric`` takes the
+        per-view outputs (``view_outputs(output)``) and returns a scalar or one value per example
+        (their mean is differentiated, as the patching sweeps average it). Parameters' ``.grad``
+        are left untouched.
         """
-        store: dict[str, Tensor] = {}
+        if incl_bwd:
+            from .cache import run_with_cache_and_grads
+
+            return run_with_cache_and_grads(self, args, kwargs, names_filter, metric, device)
+        names = self._resolve(names_filter)
+        # points with a torch hook record through a hook (after the edits of hooks registered
+        # before); the others through the fast sink, which sees the same value; both write into
+        # one dict, so the cache keeps the execution order. With ``device`` every value moves as it
+        # is made (through a hook), so the model's device never holds the whole cache.
+        hooked = [n for n in names if device is not None or self.hook_dict[n]._forward_hooks]
+        fast = [n for n in names if n not in set(hooked)]
+        seen: dict[str, Tensor] = {}
 
         def save(x: Tensor, hook: HookPoint) -> None:
             y = x.detach() if detach else x
-            store[hook.name] = y.to(device) if device is not None else y
+            seen[hook.name] = y.to(device) if device is not None else y
 
-        names = self._resolve(names_filter)
-        # points with a torch hook record through a hook (after the edits of hooks registered
-        # before); the others through the fast sink, which sees the same value
-        hooked = [n for n in names if self.hook_dict[n]._forward_hooks]
-        fast = [n for n in names if not self.hook_dict[n]._forward_hooks]
         with self.hooks([(n, save) for n in hooked]):
-            out, sunk = self.capture(*args, names=fast, **kwargs)
-        for name, x in sunk.items():
-            save(x, self.hook_dict[name])
-        return out, ActivationCache(store, getattr(self, "act_name", None))
+            out, _ = self.capture(*args, names=fast, into=seen, **kwargs)
+        store = {name: (x.detach() if detach and name in fast else x) for name, x in seen.items()}
+        return out, self._make_cache(store, args)
 
-    def capture(self, *args: Any, names: Sequence[str], **kwargs: Any) -> tuple[Any, dict[str, Tensor]]:
+    def _make_cache(self, store: dict[str, Tensor], args: Sequence[Any]) -> ActivationCache:
+        views = [a for a in args if isinstance(a, Tensor)]
+        return ActivationCache(store, getattr(self, "act_name", None), model=self,
+                               batch_size=views[0].shape[0] if views else None, n_views=len(views) or None)
+
+    def capture(self, *args: Any, names: Sequence[str], into: dict[str, Tensor] | None = None,
+                **kwargs: Any) -> tuple[Any, dict[str, Tensor]]:
         """Run the model and return ``(output, {hook name: activation})`` for the hook points ``names``.
 
         The fast capture used by probe training, evaluation and head scoring: each point stores a
         reference to its activation (nothing is copied, cast, detached or synchronised), and the
         run takes the model's compiled fast path when one is enabled (:meth:`enable_compile`).
         A value is what enters the hook point, i.e. before the edits of any torch hook on it.
+        ``into``: the dict to record into (default: a new one), returned as the second item.
 
         >>> out, acts = model.capture(img1, img2, names=["dec_blocks2.1.hook_resid_post"])
         """
         points = [self.hook_dict[n] for n in names]
-        store: dict[str, Tensor] = {}
+        store: dict[str, Tensor] = {} if into is None else into
         try:
             for hp in points:
                 hp._sink = store
