@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..adapters.base import MultiViewModel, ProbeSite, _from_jsonable, _jsonable, adapter_for_model, view_tokens
+from ..adapters.base import MultiViewModel, ProbeSite, _from_jsonable, _jsonable, adapter_for_model, patch_tokens
 from ..loading import atomic_write
 from .config import ProbeSpec
 from .losses import LossPlan
@@ -143,7 +143,7 @@ class ProbeSet(nn.Module):
         reads). The stacking is the only copy; activations keep their dtype."""
         _, acts = unwrap(model).capture(*views, names=self.hooks)
         by_name = {s.name: s for s in self.sites}
-        return {d: torch.stack([view_tokens(acts[by_name[n].hook], by_name[n], self.n_views) for n in names])
+        return {d: torch.stack([patch_tokens(acts[by_name[n].hook], by_name[n], self.n_views) for n in names])
                 for d, names in self.bank.widths.items()}
 
     def loss_plan(self, device: Any) -> LossPlan:
