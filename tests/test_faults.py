@@ -38,7 +38,7 @@ _FORK = multiprocessing.get_context("fork")
 # page and its summary, the manifest, and rerun recordings, which carry a fresh recording id and times)
 _TIMED = {"report.html", "summary.json", "manifest.json"}
 _TIMED_SUFFIXES = {".rrd"}
-_TIMING_KEYS = {"seconds", "time_s", "created", "finished"}
+_TIMING_KEYS = {"seconds", "time_s", "data_stall_s", "created", "finished"}
 
 
 def _untimed(obj):
@@ -115,7 +115,7 @@ def snapshot(out: Path) -> dict[str, str]:
             data = _contents(torch.load(p, map_location="cpu", weights_only=True)).encode()
         if p.name == LOG:
             lines = [json.loads(line) for line in data.decode().splitlines()]
-            data = json.dumps([{k: v for k, v in d.items() if k != "time_s"} for d in lines]).encode()
+            data = json.dumps([_untimed(d) for d in lines]).encode()
         result[rel] = hashlib.sha256(data).hexdigest()
     return result
 
