@@ -21,6 +21,7 @@ without pulling in the model loader.
 from __future__ import annotations
 
 import csv
+import errno
 import io as _stdio
 import json
 import math
@@ -45,7 +46,13 @@ def atomic_write(target: str | os.PathLike, write: Callable[[str], Any]) -> Path
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except RuntimeError as e:
+            err = _as_os_error(e, target)
+            if err is e:
+                raise
+            raise err from e
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
@@ -55,6 +62,21 @@ def atomic_write(target: str | os.PathLike, write: Callable[[str], Any]) -> Path
             os.unlink(tmp)
         raise
     return target
+
+
+def _as_os_error(e: RuntimeError, target: Path) -> BaseException:
+    """torch's writer reports a full disk as ``basic_ios::clear`` / ``inline_container.cc`` errors:
+    give them back as the ``OSError`` they are (ENOSPC when the disk is full), naming the file."""
+    text = str(e)
+    if not any(s in text for s in ("basic_ios", "inline_container", "PytorchStreamWriter", "file write failed")):
+        return e
+    try:
+        st = os.statvfs(target.parent)
+        full = st.f_bavail * st.f_frsize < (1 << 20)
+    except OSError:
+        full = False
+    code = errno.ENOSPC if full else errno.EIO
+    return OSError(code, os.strerror(code) + f" while writing (torch: {text.splitlines()[0][:120]})", str(target))
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

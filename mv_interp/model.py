@@ -24,6 +24,9 @@ Reads inside a trace must follow execution order (``model.hook_names()``).
 
 from __future__ import annotations
 
+import inspect
+import time
+import types
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,9 +35,12 @@ from typing import Any
 import torch
 from nnsight import NNsight
 from nnsight.intervention.batching import Batcher
-from torch import Tensor
+from nnsight.intervention.envoy import Envoy
+from torch import Tensor, nn
 
 from .adapters.base import MultiViewModel
+from .errors import OutOfRangeError, UserError
+from .images import check_views
 from .hooks import HookPoint
 
 
@@ -86,6 +92,17 @@ class ViewBatcher(Batcher):
         return super().assemble_skip(running)
 
 
+class BlocksEnvoy(Envoy):
+    """Envoy of a block list that says which indices exist (``model.dec_blocks[9]`` on 8 blocks)."""
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, int) and not -len(self) <= key < len(self):
+            name = self.path.split(".", 1)[-1]
+            raise OutOfRangeError(f"{name}[{key}] is out of range: {name} has {len(self)} blocks "
+                                  f"(valid: 0..{len(self) - 1}, or negative from the end)")
+        return super().__getitem__(key)
+
+
 def _as_views(args: Sequence[Any], model: MultiViewModel) -> tuple[Tensor, ...]:
     views = []
     for a in args:
@@ -95,19 +112,14 @@ def _as_views(args: Sequence[Any], model: MultiViewModel) -> tuple[Tensor, ...]:
             from .images import load_images
 
             a = load_images([a], size=max(model.config.img_size), patch=model.patch_size)
-        if not isinstance(a, Tensor):
-            raise TypeError(
-                f"a view must be an image tensor [batch, 3, H, W] in [-1, 1], a dict with 'img', or an image path; "
-                f"got {type(a).__name__}"
-            )
-        if a.ndim == 3:
+        if isinstance(a, Tensor) and a.ndim == 3:
             a = a.unsqueeze(0)
-        if a.ndim != 4 or a.shape[1] != 3:
-            raise ValueError(f"a view must have shape [batch, 3, H, W] (or [3, H, W]); got {tuple(a.shape)}")
         views.append(a)
     n = model.fixed_n_views
     if n is not None and len(views) != n:
-        raise ValueError(f"{type(model).__name__} takes {n} views, got {len(views)}")
+        raise UserError(f"{type(model).__name__} takes {n} views, got {len(views)}")
+    # types, layouts and empty batches now, before nnsight batches them; values at the forward
+    check_views(views, patch=model.patch_size, values=False)
     return tuple(views)
 
 
@@ -122,6 +134,7 @@ class MVModel(NNsight):
     _batcher_class = ViewBatcher
 
     def __init__(self, module: MultiViewModel, **kwargs: Any) -> None:
+        kwargs.setdefault("envoys", {nn.ModuleList: BlocksEnvoy})
         super().__init__(module, **kwargs)
         ref = weakref.ref(self.interleaver)
         for name, hp in module.hook_dict.items():
@@ -163,8 +176,14 @@ class MVModel(NNsight):
         return self._module.config
 
     def forward(self, *views: Any, **kwargs: Any) -> Any:
-        """Plain forward (no trace): per-view output dicts."""
-        return self._module(*_as_views(views, self._module), **kwargs)
+        """Plain forward (no trace): per-view output dicts (compiled when :func:`enable_compile` was called
+        and no hook is active)."""
+        fast = self._module.__dict__.get("_fast_path")
+        return (fast or self._module)(*_as_views(views, self._module), **kwargs)
+
+    def enable_compile(self, enabled: bool = True, **compile_kwargs: Any) -> FastPath | None:
+        """See :func:`enable_compile`."""
+        return enable_compile(self, enabled, **compile_kwargs)
 
     # -- TransformerLens-style API --------------------------------------------------------
     def _refuse_inside_nnsight(self, what: str) -> None:
@@ -195,15 +214,15 @@ class MVModel(NNsight):
         return self._module.run_with_cache(*_as_views(views, self._module), names_filter=names_filter,
                                            device=device, **kwargs)
 
-    def run_with_hooks(self, *views: Any, fwd_hooks: Sequence = (), reset_hooks_end: bool = True,
-                       bwd_hooks: Sequence = (), **kwargs: Any):
+    def run_with_hooks(self, *views: Any, fwd_hooks: Any = (), reset_hooks_end: bool = True,
+                       bwd_hooks: Any = (), **kwargs: Any):
         """Run with temporary forward / backward hooks (TransformerLens semantics; refused inside an
         nnsight trace and on a model carrying nnsight edits)."""
         self._refuse_inside_nnsight("run_with_hooks")
         return self._module.run_with_hooks(*_as_views(views, self._module), fwd_hooks=fwd_hooks,
                                            reset_hooks_end=reset_hooks_end, bwd_hooks=bwd_hooks, **kwargs)
 
-    def hooks(self, fwd_hooks: Sequence = (), reset_hooks_end: bool = True, bwd_hooks: Sequence = ()):
+    def hooks(self, fwd_hooks: Any = (), reset_hooks_end: bool = True, bwd_hooks: Any = ()):
         return self._module.hooks(fwd_hooks, reset_hooks_end, bwd_hooks=bwd_hooks)
 
     # -- shape inference ------------------------------------------------------------------
@@ -292,6 +311,95 @@ def _nnsight_watcher(interleaver_ref: weakref.ref, path: str):
         return any(loc in interleaver.parked or loc in interleaver.observers for loc in locations)
 
     return watching
+
+
+class FastPath:
+    """The compiled forward of a hooked module, taken only while no hook needs the eager path.
+
+    ``torch.compile`` traces the forward with every idle hook point compiled away; the fast
+    capture's sinks (:meth:`~mv_interp.hooks.HookedRootModule.capture`) are traced too, so the
+    cached-sites forward of probe training and evaluation runs compiled as well. A torch hook on
+    any module, an nnsight trace, ``force_eager`` attention or a grad-enabled call falls back to the
+    eager hooked module, the reference: a compiled graph never silently skips a hook.
+
+    ``compile_seconds`` records the first call (compilation included) of each input signature.
+    Made by :func:`enable_compile`; there is no global switch.
+    """
+
+    def __init__(self, module: MultiViewModel, **compile_kwargs: Any) -> None:
+        self._module = weakref.ref(module)
+        self._modules = list(module.modules())
+        self._points = list(module.hook_dict.values())
+        # the undecorated forward: runtime shape checks (jaxtyping under pytest) do not trace
+        forward = types.MethodType(inspect.unwrap(type(module).forward), module)
+        self._compiled = torch.compile(forward, **compile_kwargs)
+        self.compile_kwargs = dict(compile_kwargs)
+        self.compile_seconds: dict[str, float] = {}
+        self.calls = {"compiled": 0, "eager": 0}
+
+    def eager_reason(self) -> str | None:
+        """Why the next call must run eagerly (``None``: it can run compiled)."""
+        from torch.nn.modules import module as nn_module
+
+        if torch.is_grad_enabled():
+            return "gradients are enabled (the fast path serves frozen forwards)"
+        if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+            return "a global module hook is registered"
+        for m in self._modules:
+            if m._forward_hooks or m._forward_pre_hooks or getattr(m, "force_eager", False):
+                return f"module {type(m).__name__} has a hook (or force_eager)"
+        for hp in self._points:
+            if any(w(hp) for w in hp._watchers):
+                return f"nnsight reads or edits {hp.name}"
+        return None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        module = self._module()
+        if module is None or self.eager_reason() is not None:
+            self.calls["eager"] += 1
+            return module(*args, **kwargs)
+        self.calls["compiled"] += 1
+        key = _signature(args, kwargs, [hp.name for hp in self._points if hp._sink is not None])
+        if key in self.compile_seconds:
+            return self._compiled(*args, **kwargs)
+        t0 = time.perf_counter()
+        out = self._compiled(*args, **kwargs)
+        if any(isinstance(a, Tensor) and a.is_cuda for a in args):
+            torch.cuda.synchronize()
+        self.compile_seconds[key] = time.perf_counter() - t0
+        return out
+
+    def __repr__(self) -> str:
+        return f"FastPath(calls={self.calls}, compiled signatures={len(self.compile_seconds)})"
+
+
+def _signature(args: Sequence[Any], kwargs: dict, sinks: list[str]) -> str:
+    parts = [f"{tuple(a.shape)}:{a.dtype}:{a.device}" for a in args if isinstance(a, Tensor)]
+    device = next((a.device.type for a in args if isinstance(a, Tensor)), "cpu")
+    amp = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    return f"{parts} amp={amp} kwargs={sorted(kwargs)} capture={len(sinks)}"
+
+
+def enable_compile(model: Any, enabled: bool = True, **compile_kwargs: Any) -> FastPath | None:
+    """Give ``model`` (an :class:`MVModel` or hooked module) a compiled fast path, or remove it.
+
+    Forwards through :meth:`MVModel.forward`, :meth:`~mv_interp.hooks.HookedRootModule.capture`
+    and ``run_with_cache`` (hence probe training, evaluation and the report) then run compiled
+    whenever no hook is active; the eager hooked path stays the reference and serves every call
+    with a hook. ``compile_kwargs`` go to ``torch.compile`` (e.g. ``mode="max-autotune"``).
+    Returns the :class:`FastPath` (its ``compile_seconds`` hold the first-call times).
+
+    >>> fast = enable_compile(model)                  # off by default; CPU compiles slowly
+    >>> probes = train_probes(model, TrainConfig(steps=2000))
+    >>> fast.compile_seconds, fast.calls
+    """
+    module = model._module if isinstance(model, MVModel) else model
+    if not enabled:
+        module.__dict__.pop("_fast_path", None)
+        return None
+    fast = FastPath(module, **compile_kwargs)
+    module.__dict__["_fast_path"] = fast  # a plain attribute: not a submodule, not in the state dict
+    return fast
 
 
 def wrap(module: MultiViewModel) -> MVModel:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from typing import Any, ClassVar, Literal, get_args
 import torch
 from torch import Tensor
 
+from ..errors import ConfigError, OutOfRangeError, UnknownNameError, UserError, suggest
 from ..hooks import HookedRootModule
 from ..io import dumps_json, from_jsonable, jsonable
 from ..layers import ATTENTION_HOOKS
@@ -218,10 +220,88 @@ def config_value(value: Any) -> Any:
     return value
 
 
+_POSITIVE_SUFFIXES = ("_dim", "_depth", "_heads", "patch_size", "_ids", "_ratio", "_eps")
+_ROPE = re.compile(r"RoPE(\d+(\.\d*)?)?")
+_POINT_MODES, _CONF_MODES = ("exp", "square", "linear"), ("exp", "sigmoid")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 class ConfigMixin:
     """JSON round-trip for frozen config dataclasses (``inf`` written as ``"inf"``, the
-    :mod:`mv_interp.io` policy). Used by model configs (through :class:`ModelConfig`) and by
-    run configs (training, report)."""
+    :mod:`mv_interp.io` policy), and :meth:`check_fields`, the type and range check of config fields.
+    Used by model configs (through :class:`ModelConfig`, which runs the check first in
+    ``__post_init__`` when :attr:`checks_field_types` is set) and by run configs (training, report)."""
+
+    #: model configs: :meth:`from_dict` checks field types and ranges before building the dataclass
+    checks_field_types: ClassVar[bool] = False
+
+    def check_fields(self) -> None:
+        """Raise :class:`~mv_interp.errors.ConfigError` naming the field, the value and what it must be
+        (see :meth:`check_values`)."""
+        self.check_values({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})  # type: ignore[arg-type]
+
+    @classmethod
+    def check_values(cls, values: Mapping[str, Any]) -> None:
+        """Check field values before the dataclass is built (so runtime type checkers never see them first).
+
+        Types come from the field annotations (``int``, ``float``, ``str``, ``bool``, ``tuple``,
+        ``tuple[int, int]``, optionally ``| None``); widths, depths, head counts, patch sizes, ratios
+        and epsilons must be positive; ``pos_embed`` must be ``"RoPE<base>"``; ``depth_mode`` /
+        ``conf_mode`` ``(mode, vmin, vmax)`` with a known mode.
+        """
+        name = cls.__name__
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            if f.name not in values:
+                continue
+            v, ann = values[f.name], str(f.type).replace(" ", "")
+            optional = ann.endswith("|None") or ann.startswith("None|")
+            base = ann.replace("|None", "").replace("None|", "")
+            if v is None and optional:
+                continue
+
+            def bad(what: str) -> ConfigError:
+                return ConfigError(f"{name}.{f.name} must be {what}, got {v!r} ({type(v).__name__}); "
+                                   "fix it in config.json / the config you pass")
+
+            positive = f.name.endswith(_POSITIVE_SUFFIXES)
+            if base == "int":
+                if not _is_int(v) or (positive and v < 1):
+                    raise bad("a positive integer" if positive else "an integer")
+            elif base == "float":
+                if not _is_number(v) or not math.isfinite(v) or (positive and v <= 0):
+                    raise bad("a positive number" if positive else "a finite number")
+            elif base == "str":
+                if not isinstance(v, str):
+                    raise bad("a string")
+            elif base == "bool":
+                if not isinstance(v, bool):
+                    raise bad("true or false")
+            elif base == "tuple[int,int]":
+                pair = (v, v) if _is_int(v) else v
+                if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(_is_int(x) and x > 0 for x in pair)):
+                    raise bad("a positive integer or a pair (H, W) of them")
+            elif base.startswith("tuple"):
+                if not isinstance(v, (tuple, list)):
+                    raise bad("a list / tuple")
+        pos = values.get("pos_embed")
+        if isinstance(pos, str) and not _ROPE.fullmatch(pos):
+            raise ConfigError(f"{name}.pos_embed={pos!r} is not supported: mv_interp implements RoPE2D, written "
+                              "'RoPE<base>' (e.g. 'RoPE100', which every released checkpoint uses)")
+        for key, modes in (("depth_mode", _POINT_MODES), ("conf_mode", _CONF_MODES), ("desc_conf_mode", _CONF_MODES)):
+            mode = values.get(key)
+            if mode is None:
+                continue
+            if not (isinstance(mode, (tuple, list)) and len(mode) == 3 and mode[0] in modes
+                    and all(_is_number(x) for x in mode[1:]) and mode[1] <= mode[2]):
+                raise ConfigError(f"{name}.{key}={mode!r} must be (mode, vmin, vmax) with mode one of {list(modes)} "
+                                  "and numbers vmin <= vmax (e.g. ('exp', 1, inf))")
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
@@ -234,8 +314,12 @@ class ConfigMixin:
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; valid fields: {sorted(names)}")
-        return cls(**{k: config_value(v) for k, v in data.items()})
+            hints = "".join(suggest(u, names) for u in unknown)
+            raise ConfigError(f"{cls.__name__}: unknown field(s) {unknown}; valid fields: {sorted(names)}.{hints}")
+        values = {k: config_value(v) for k, v in data.items()}
+        if cls.checks_field_types:
+            cls.check_values(values)
+        return cls(**values)
 
     def replace(self, **changes: Any):
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
@@ -259,7 +343,9 @@ class ModelConfig(ConfigMixin):
 
     Generic code (probes, head scores, images, the report) reads these fields and nothing else
     of a config: a family adds its own architecture fields in a subclass (all with defaults,
-    one docstring each, validation in ``__post_init__`` calling ``super().__post_init__()``)::
+    one docstring each, validation in ``__post_init__`` calling ``super().__post_init__()``).
+    With ``checks_field_types = True`` (a class attribute) :meth:`ConfigMixin.check_fields` runs
+    first here and :meth:`ConfigMixin.from_dict` checks values before building the config::
 
         @dataclass(frozen=True)
         class MyConfig(ModelConfig):
@@ -283,6 +369,8 @@ class ModelConfig(ConfigMixin):
     """How the raw confidence channel becomes a confidence: ``(mode, vmin, vmax)``."""
 
     def __post_init__(self) -> None:
+        if type(self).checks_field_types:
+            self.check_fields()  # types and ranges first, so the checks below see well-typed values
         object.__setattr__(self, "img_size", pair(self.img_size))
         object.__setattr__(self, "depth_mode", tuple(self.depth_mode))
         object.__setattr__(self, "conf_mode", tuple(self.conf_mode))
@@ -340,18 +428,24 @@ class MultiViewModel(HookedRootModule):
     #: probe site and passes its tokens
     lens_reads_encoder: ClassVar[bool] = False
 
+    #: glob patterns of hooks on tokens without a patch grid (VGGT's camera trunk: one token per
+    #: view), which are no probe or attention site; the conformity suite's site checks skip them
+    off_grid_hooks: ClassVar[tuple[str, ...]] = ()
+    #: validate the positional views of every forward (:func:`mv_interp.images.check_views`):
+    #: float ``[batch, 3, H, W]``, finite, on the model's device, the right number of them
+    check_inputs: ClassVar[bool] = True
+
     def setup(self) -> None:
         """Name every hook point; call at the end of ``__init__``. Checks ``config`` is a
-        :class:`ModelConfig` (image size, patch size, output modes are what generic code reads)."""
+        :class:`ModelConfig` (image size, patch size, output modes are what generic code reads)
+        and registers the forward's input check (:attr:`check_inputs`)."""
         if not isinstance(getattr(self, "config", None), ModelConfig):
             raise TypeError(f"{type(self).__name__}.config must be a ModelConfig subclass instance (a frozen "
                             f"dataclass deriving from mv_interp.adapters.base.ModelConfig), got "
                             f"{type(getattr(self, 'config', None)).__name__}; set self.config before setup()")
         super().setup()
-
-    #: glob patterns of hooks on tokens without a patch grid (VGGT's camera trunk: one token per
-    #: view), which are no probe or attention site; the conformity suite's site checks skip them
-    off_grid_hooks: ClassVar[tuple[str, ...]] = ()
+        if not any(h is _check_forward_inputs for h in self._forward_pre_hooks.values()):
+            self.register_forward_pre_hook(_check_forward_inputs)
 
     def default_n_views(self, n_views: int | None = None) -> int:
         """``n_views`` checked against :attr:`fixed_n_views` (default: the fixed number, else 2)."""
@@ -454,7 +548,7 @@ def block_hook_name(prefix: str, depth: int, layer: int, name: str, block_hooks:
     (``{"": "attn", "cross_": "cross_attn"}``: ``"cross_pattern"`` → ``"{prefix}.3.cross_attn.hook_pattern"``).
     """
     if not -depth <= layer < depth:
-        raise IndexError(f"layer {layer} out of range for {prefix} (valid: 0..{depth - 1})")
+        raise OutOfRangeError(f"layer {layer} out of range for {prefix} (valid: 0..{depth - 1})")
     layer %= depth
     for short, module in sorted(attention.items(), key=lambda kv: -len(kv[0])):
         if name.startswith(short) and name[len(short):] in ATTENTION_HOOKS:
@@ -463,6 +557,21 @@ def block_hook_name(prefix: str, depth: int, layer: int, name: str, block_hooks:
         valid = sorted(set(block_hooks) | {s + a for s in attention for a in ATTENTION_HOOKS})
         raise ValueError(f"unknown hook {name!r} for {prefix} blocks; expected one of {valid}")
     return f"{prefix}.{layer}.hook_{name}"
+
+
+def _check_forward_inputs(module: MultiViewModel, args: tuple) -> None:
+    # a pre-hook rather than code in each family's forward: one check for every adapter
+    if not module.check_inputs:
+        return
+    from ..images import check_views
+
+    n, name = module.fixed_n_views, type(module).__name__
+    if n is not None and len(args) != n:
+        raise UserError(f"{name} takes {n} views (images [batch, 3, H, W]), got {len(args)} positional argument(s)")
+    if n is None and len(args) < 2:
+        raise UserError(f"{name} takes at least 2 views (images [batch, 3, H, W]), got {len(args)}")
+    param = next(module.parameters(), None)
+    check_views(args, device=param.device if param is not None else None, patch=module.patch_size)
 
 
 # --------------------------------------------------------------------------------------
@@ -576,8 +685,9 @@ def get_adapter(name: str) -> Adapter:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise KeyError(
-            f"no adapter named {name!r}; registered: {sorted(_REGISTRY)}. A third-party family registers "
+        raise UnknownNameError(
+            f"no adapter (model family) named {name!r}; registered: {sorted(_REGISTRY)}.{suggest(name, _REGISTRY)} "
+            "A third-party family registers "
             f"itself with register_adapter() in a module named by an {ENTRY_POINT_GROUP!r} entry point"
         ) from None
 
@@ -602,4 +712,4 @@ def adapter_for_model(model: ModelLike) -> Adapter:
     for a in adapters():
         if isinstance(model, a.model_cls):
             return a
-    raise KeyError(f"no registered adapter builds {type(model).__name__}; register one with register_adapter()")
+    raise UnknownNameError(f"no registered adapter builds {type(model).__name__}; register one with register_adapter()")

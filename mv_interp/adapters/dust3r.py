@@ -15,6 +15,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from ..errors import ConfigError, suggest
 from ..hooks import HookPoint
 from ..layers import (
     DECODER_BLOCK_HOOKS,
@@ -45,6 +46,8 @@ class DUSt3RConfig(CroCoConfig):
     :class:`~mv_interp.adapters.croco.CroCoConfig`; image size, patch size and the output
     post-processing modes by :class:`~mv_interp.adapters.base.ModelConfig`.
     """
+
+    checks_field_types = True  # ModelConfig checks field types and ranges first
 
     mlp_ratio: float = 4.0
     """MLP hidden width over model width."""
@@ -94,20 +97,21 @@ def config_from_constructor(kwargs: dict[str, Any], config_cls: type = DUSt3RCon
     ignored = IGNORED_KWARGS | set(extra_ignored)
     unknown = sorted(set(kwargs) - known - ignored)
     if unknown:
-        raise ValueError(
-            f"checkpoint constructor has keyword(s) {unknown} that mv_interp does not know; "
-            f"known: {sorted(known | ignored)}"
+        raise ConfigError(
+            f"checkpoint constructor / config.json has keyword(s) {unknown} that mv_interp does not know."
+            + "".join(suggest(u, known) for u in unknown) + f" Known: {sorted(known | ignored)}"
         )
     if kwargs.get("norm_im2_in_dec") is False:
         raise ValueError("norm_im2_in_dec=False is not supported (every released checkpoint uses True)")
     merged = {**{k: v for k, v in defaults.items() if k in known}, **{k: v for k, v in kwargs.items() if k in known}}
-    if "img_size" in merged:
-        merged["img_size"] = pair(merged["img_size"])
+    if isinstance(merged.get("img_size"), int):
+        merged["img_size"] = pair(merged["img_size"])  # other types are left for the config's field check
     for key in ("mlp_ratio", "norm_eps"):
-        if key in merged:
-            merged[key] = float(merged[key])
+        if isinstance(merged.get(key), int) and not isinstance(merged[key], bool):
+            merged[key] = float(merged[key])  # other types are left for the config's field check
     if merged.get("patch_embed_cls") == "ManyAR_PatchEmbed":
         merged["patch_embed_cls"] = "PatchEmbedDust3R"  # same weights and maths for one aspect ratio per batch
+    config_cls.check_values(merged)
     return config_cls(**merged)
 
 

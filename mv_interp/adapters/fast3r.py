@@ -84,6 +84,8 @@ class Fast3RConfig(CroCoConfig):
     post-processing modes by :class:`~mv_interp.adapters.base.ModelConfig`.
     """
 
+    checks_field_types = True
+
     img_size: tuple[int, int] = (512, 512)
     """(H, W) the model was trained at; any multiple of ``patch_size`` runs."""
     head_type: str = "dpt"
@@ -113,7 +115,7 @@ class Fast3RConfig(CroCoConfig):
     mv_interp never draws ids at random (see the module docstring)."""
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        super().__post_init__()  # checks field types and ranges first (checks_field_types)
         object.__setattr__(self, "enc_mlp_ratio", float(self.enc_mlp_ratio))
         object.__setattr__(self, "dec_mlp_ratio", float(self.dec_mlp_ratio))
         if self.dec_embed_dim % 2:
@@ -242,9 +244,12 @@ def fast3r_config_from_constructor(kwargs: dict[str, Any]) -> Fast3RConfig:
                 fields[table[key]] = value
     if fields.get("patch_embed_cls") == "ManyAR_PatchEmbed":
         fields["patch_embed_cls"] = "PatchEmbedDust3R"  # same weights and maths for one aspect ratio per batch
-    fields["img_size"] = pair(fields["img_size"])  # upstream allows one int for a square size
+    if isinstance(fields["img_size"], int):
+        fields["img_size"] = pair(fields["img_size"])  # upstream allows one int for a square size
     for key in ("enc_mlp_ratio", "dec_mlp_ratio"):
-        fields[key] = float(fields[key])
+        if isinstance(fields.get(key), int) and not isinstance(fields[key], bool):
+            fields[key] = float(fields[key])
+    Fast3RConfig.check_values(fields)
     return Fast3RConfig(**fields)
 
 

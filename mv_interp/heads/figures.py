@@ -18,6 +18,8 @@ from torch import Tensor
 
 from ..adapters.base import pattern_blocks
 from ..data.views import as_views
+from ..errors import OutOfRangeError, UnknownNameError
+from ..io import atomic_write
 from ..metrics import patch_centres
 from ..types import ModelLike, as_module
 from ..viz.plotting import pyplot, save_figure
@@ -236,7 +238,7 @@ def _one_pair(model: ModelLike, views: Any, sample: int) -> tuple[Any, list[dict
     vs = as_views(views, "views")
     n = vs[0]["img"].shape[0]
     if not 0 <= sample < n:
-        raise IndexError(f"sample={sample} but the batch holds {n} pairs")
+        raise OutOfRangeError(f"sample={sample} but the batch holds {n} pairs")
     return module, [{k: t[sample : sample + 1] for k, t in v.items() if isinstance(t, Tensor)} for v in vs]
 
 
@@ -248,7 +250,7 @@ def _read_blocks(module, views: list[dict[str, Tensor]], refs: Sequence[HeadRef]
     sites = {s.name: s for s in module.attention_sites(n_views=n_views)}
     missing = sorted({r.site for r in refs} - set(sites))
     if missing:
-        raise KeyError(f"no attention site named {missing}; sites: {sorted(sites)[:12]}")
+        raise UnknownNameError(f"no attention site named {missing}; sites: {sorted(sites)[:12]}")
     wanted = {r.site for r in refs}
     imgs = [v["img"].to(module.device) for v in views]
     with torch.no_grad():

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..adapters.base import AttentionSite
+from ..errors import OutOfRangeError, UnknownNameError, WrongTypeError
 from ..types import ModelLike, as_module, is_traced
 
 RESID_AXES = "batch pos d_model"
@@ -29,7 +30,7 @@ def check_hook(model: ModelLike, name: str) -> str:
     """``name`` if the model has that hook point, else a KeyError listing similar names."""
     module = as_module(model)
     if name not in module.hook_dict:
-        raise KeyError(module._unknown_hook_message(name))
+        raise UnknownNameError(module._unknown_hook_message(name))
     return name
 
 
@@ -72,8 +73,8 @@ def envoy(model: ModelLike, name: str) -> Any:
     """The nnsight envoy of hook ``name`` (``model.dec_blocks2[1].attn.hook_pattern`` for
     ``"dec_blocks2.1.attn.hook_pattern"``)."""
     if not is_traced(model):
-        raise TypeError("apply_nnsight needs the nnsight-wrapped model (mv_interp.MVModel), not the plain module; "
-                        "use fwd_hooks() with a plain module")
+        raise WrongTypeError("apply_nnsight needs the nnsight-wrapped model (mv_interp.MVModel), not the plain module; "
+                             "use fwd_hooks() with a plain module")
     obj = model
     for part in name.split("."):
         obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
@@ -144,7 +145,7 @@ def resolve_attention_sites(
     chosen = valid_layers if layers == "all" else list(layers)
     for layer in chosen:
         if layer not in valid_layers:
-            raise IndexError(f"layer {layer} out of range for {stack} {kind}-attention (valid: {lo}..{hi})")
+            raise OutOfRangeError(f"layer {layer} out of range for {stack} {kind}-attention (valid: {lo}..{hi})")
     out = []
     for layer in chosen:
         at_layer = [s for s in of_kind if s.layer == layer]
@@ -154,7 +155,7 @@ def resolve_attention_sites(
         match = [s for s in at_layer if _query_views(s) is None or view in _query_views(s)]
         if not match:
             views = sorted({v for s in at_layer for v in _query_views(s) or ()})
-            raise IndexError(f"view {view} has no {stack} {kind}-attention queries at layer {layer} "
+            raise OutOfRangeError(f"view {view} has no {stack} {kind}-attention queries at layer {layer} "
                              f"(valid views: {', '.join(map(str, views))})")
         out.extend(match)
     return out
@@ -166,7 +167,7 @@ def check_heads(heads: Sequence[int] | str, site: AttentionSite) -> list[int]:
         return list(range(site.n_heads))
     for h in heads:
         if not 0 <= h < site.n_heads:
-            raise IndexError(f"head {h} out of range for {site.name} (valid: 0..{site.n_heads - 1})")
+            raise OutOfRangeError(f"head {h} out of range for {site.name} (valid: 0..{site.n_heads - 1})")
     return list(heads)
 
 
@@ -194,7 +195,7 @@ def attention_block(site: AttentionSite, shape: Sequence[int], n_views: int | No
     B, _, Nq, Nk = shape
     everything = slice(None)
     if key_view is not None and key_view not in site.key_views and site.layout != "global":
-        raise IndexError(f"key_view {key_view} is not a key view of {site.name} "
+        raise OutOfRangeError(f"key_view {key_view} is not a key view of {site.name} "
                          f"(valid: {', '.join(map(str, site.key_views))})")
     if site.layout == "view":
         q, nq = everything, Nq
@@ -231,7 +232,7 @@ def attention_block(site: AttentionSite, shape: Sequence[int], n_views: int | No
         P = Nq // n_views
         for v, what in ((view, "view"), (key_view, "key_view")):
             if v is not None and not 1 <= v <= n_views:
-                raise IndexError(f"{what} {v} out of range for {site.name} (valid: 1..{n_views})")
+                raise OutOfRangeError(f"{what} {v} out of range for {site.name} (valid: 1..{n_views})")
         q = slice((view - 1) * P, view * P) if view is not None else everything
         k = slice((key_view - 1) * P, key_view * P) if key_view is not None else everything
         return Block(everything, q, k, P if view is not None else Nq, P if key_view is not None else Nk,
@@ -318,13 +319,13 @@ def token_rows_and_span(info: HookInfo, act: Tensor, view: int | None, n_views: 
         raise ValueError(f"the model's probe/attention sites do not say how {info.name} holds its views: patch it "
                          "whole (view=None)")
     if info.views is not None and view not in info.views:
-        raise IndexError(f"view {view} is not held by {info.name} (valid views: {', '.join(map(str, info.views))})")
+        raise OutOfRangeError(f"view {view} is not held by {info.name} (valid views: {', '.join(map(str, info.views))})")
     if info.layout == "view":
         return everything, everything, n_tok
     if info.layout in ("stacked", "concat"):
         n_views = _need_n_views(n_views, info.name)
         if not 1 <= view <= n_views:
-            raise IndexError(f"view {view} out of range for {info.name} in a run of {n_views} views "
+            raise OutOfRangeError(f"view {view} out of range for {info.name} in a run of {n_views} views "
                              f"(valid: 1..{n_views})")
     if info.layout == "stacked":
         if act.shape[0] % n_views:

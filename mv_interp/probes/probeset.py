@@ -17,11 +17,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..adapters.base import MultiViewModel, ProbeSite, adapter_for_model, config_value
+from ..adapters.base import MultiViewModel, ProbeSite, adapter_for_model, config_value, patch_tokens
+from ..errors import UnknownNameError, WrongTypeError
 from ..io import atomic_write, dumps_json, jsonable, read_json
 from ..resume import fingerprint
 from ..types import ModelLike, as_module
 from .config import ProbeSpec
+from .losses import LossPlan
 from .modules import ProbeBank
 from .sites import Location, group_locations, read_tokens
 
@@ -33,8 +35,13 @@ DEFAULT_CONF_MODE = ("exp", 1, math.inf)
 
 
 def unwrap(model: ModelLike) -> MultiViewModel:
-    """Deprecated: use :func:`mv_interp.types.as_module` (the same thing)."""
-    return as_module(model)
+    """Deprecated: use :func:`mv_interp.types.as_module` (the same thing, raising :class:`WrongTypeError`)."""
+    try:
+        return as_module(model)
+    except WrongTypeError:
+        raise
+    except TypeError as exc:
+        raise WrongTypeError(str(exc)) from None
 
 
 def random_backbone(module: MultiViewModel, seed: int) -> MultiViewModel:
@@ -68,6 +75,7 @@ class ProbeSet(nn.Module):
         self.meta: dict[str, Any] = dict(meta or {})
         self.bank = ProbeBank(self.sites, self.specs, patch_size, depth_mode, conf_mode)
         self.locations: list[Location] = group_locations(self.sites)
+        self._plans: dict[str, LossPlan] = {}
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -93,7 +101,7 @@ class ProbeSet(nn.Module):
         for s in self.specs:
             if s.name == kind:
                 return s
-        raise KeyError(f"no probe kind {kind!r} in this set; kinds: {self.kinds}")
+        raise UnknownNameError(f"no probe kind {kind!r} in this set; kinds: {self.kinds}")
 
     @property
     def hooks(self) -> list[str]:
@@ -117,9 +125,25 @@ class ProbeSet(nn.Module):
         """One frozen backbone pass over ``views`` (images ``[batch, 3, H, W]``), then every probe."""
         module = as_module(model)
         with torch.no_grad():
-            _, cache = module.run_with_cache(*views, names_filter=self.hooks)
+            _, acts = module.capture(*views, names=self.hooks)
             grid = (views[0].shape[-2] // self.patch_size, views[0].shape[-1] // self.patch_size)
-            return self(self.tokens(cache), grid, kinds)
+            return self(self.tokens(acts), grid, kinds)
+
+    def capture(self, model: ModelLike, *views: Tensor) -> dict[int, Tensor]:
+        """One backbone pass over ``views`` through the fast capture (:meth:`HookedRootModule.capture`),
+        as ``{d_model: [site, batch, pos, d_model]}`` stacks in member order (what :meth:`ProbeBank.stacked`
+        reads). The stacking is the only copy; activations keep their dtype."""
+        _, acts = as_module(model).capture(*views, names=self.hooks)
+        by_name = {s.name: s for s in self.sites}
+        return {d: torch.stack([patch_tokens(acts[by_name[n].hook], by_name[n], self.n_views) for n in names])
+                for d, names in self.bank.widths.items()}
+
+    def loss_plan(self, device: Any) -> LossPlan:
+        """The location groups of :func:`~mv_interp.probes.losses.stacked_probe_loss` (built once per device)."""
+        key = str(device)
+        if key not in self._plans:
+            self._plans[key] = LossPlan.build(self.locations, self.specs, self.bank.index, device)
+        return self._plans[key]
 
     def probe(self, kind: str, site: str) -> nn.Sequential:
         """One probe as a plain per-token ``nn.Sequential`` (a copy; outputs ``channels · p²`` raw values)."""
@@ -129,7 +153,7 @@ class ProbeSet(nn.Module):
         for s in self.sites:
             if s.name == name:
                 return s
-        raise KeyError(f"no site {name!r} in this probe set; sites: {[s.name for s in self.sites]}")
+        raise UnknownNameError(f"no site {name!r} in this probe set; sites: {[s.name for s in self.sites]}")
 
     def check_backbone(self, model: ModelLike) -> None:
         """Raise if ``model`` is not the family/config the probes were trained on (weights are
