@@ -11,7 +11,8 @@ from .model import MVModel, wrap
 
 
 def load_model(path_or_name: Any, device: str | torch.device = "cpu", config: Any = None, family: str | None = None,
-               dtype: torch.dtype | None = None) -> MVModel:
+               dtype: torch.dtype | None = None, *, revision: str | None = None, filename: str | None = None,
+               cache_dir: Any = None, token: str | bool | None = None, local_files_only: bool | None = None) -> MVModel:
     """Load a multi-view model, hooked and wrapped in nnsight.
 
     ``path_or_name`` is one of
@@ -21,14 +22,22 @@ def load_model(path_or_name: Any, device: str | torch.device = "cpu", config: An
     * an HF-style directory with ``config.json`` + ``model.safetensors``;
     * a bare state dict (a mapping, a ``.pth`` or ``.safetensors`` file) together with ``config=``
       — a known name (``"224_linear"``, ``"512_linear"``, ``"512_dpt"``), a dict or a config dataclass;
-    * the name of a bundled model (see :func:`list_models`).
+    * the name of a bundled model (see :func:`list_models`);
+    * a Hugging Face hub id ``"org/name"`` (or ``"org/name@revision"``) of any family — the upstream
+      ``config.json`` + ``model.safetensors`` repos, a ``.pth`` checkpoint repo, or one pushed by
+      :meth:`MVModel.push_to_hub` — read from the local hub cache (``HF_HOME``), fetched only when
+      missing and ``HF_HUB_OFFLINE`` is unset (:mod:`mv_interp.hub`). ``revision``, ``filename``
+      (which file of the repo), ``cache_dir``, ``token`` and ``local_files_only`` apply to hub ids only.
 
     Loading is strict: missing, unexpected or mis-shaped keys raise one error that lists them.
 
     >>> model = load_model("DUSt3R_ViTLarge_BaseDecoder_224_linear.pth", device="cuda")
     >>> model = load_model(state_dict, config="512_dpt")
+    >>> model = load_model("naver/DUSt3R_ViTLarge_BaseDecoder_512_dpt")
     """
-    module = load_hooked(path_or_name, config=config, family=family)
+    hub = {k: v for k, v in dict(revision=revision, filename=filename, cache_dir=cache_dir, token=token,
+                                 local_files_only=local_files_only).items() if v is not None}
+    module = load_hooked(path_or_name, config=config, family=family, **hub)
     module = module.to(device=device, dtype=dtype) if dtype is not None else module.to(device)
     return wrap(module)
 

@@ -225,8 +225,9 @@ def build_model(adapter: Adapter, config: Any, state_dict: Mapping[str, Tensor] 
     return model.eval()
 
 
-def load_hooked(path_or_name: Any, config: Any = None, family: str | None = None) -> MultiViewModel:
-    """The hooked torch module (no nnsight wrapper) — see :func:`mv_interp.load_model`."""
+def load_hooked(path_or_name: Any, config: Any = None, family: str | None = None, **hub_options: Any) -> MultiViewModel:
+    """The hooked torch module (no nnsight wrapper) — see :func:`mv_interp.load_model`. ``hub_options``
+    (``revision``, ``filename``, ``cache_dir``, ``token``, ``local_files_only``) apply to hub ids only."""
     if isinstance(path_or_name, Mapping):
         if config is None:
             raise CheckpointError("a bare state dict needs config= (a name such as '224_linear', a dict or a config)")
@@ -240,10 +241,15 @@ def load_hooked(path_or_name: Any, config: Any = None, family: str | None = None
     if path.is_dir():
         return _load_dir(path, config, family)
     if not path.exists():
+        from . import hub
+
+        if hub.parse_repo_id(name) is not None:
+            return hub.load_hooked_from_hub(name, config, family, **hub_options)
         bundled = sorted(p.name for p in BUNDLED_DIR.iterdir() if p.is_dir()) if BUNDLED_DIR.is_dir() else []
         raise FileNotFoundError(
             f"no checkpoint at {name!r} and no bundled model of that name (bundled: {bundled}); "
-            "give a .pth file, an HF-style directory (config.json + model.safetensors) or a bundled name"
+            "give a .pth file, an HF-style directory (config.json + model.safetensors), a bundled name or a "
+            "hub id ('org/name')"
         )
     if path.suffix == ".safetensors":
         if config is None:
@@ -277,6 +283,11 @@ def _load_dir(path: Path, config: Any, family: str | None) -> MultiViewModel:
     missing = [p.name for p in (cfg_file, weights) if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"{path} is not an HF-style model directory: missing {missing}")
+    return load_dir(cfg_file, weights, config, family)
+
+
+def load_dir(cfg_file: Path, weights: Path, config: Any = None, family: str | None = None) -> MultiViewModel:
+    """A model from an HF-style ``config.json`` and its weights (``config=`` overrides the file)."""
     if config is not None:
         adapter, cfg = resolve_config(config, family)
     else:

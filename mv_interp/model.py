@@ -210,10 +210,26 @@ class MVModel(NNsight):
     def example_inputs(self, *args: Any, **kwargs: Any):
         return self._module.example_inputs(*args, **kwargs)
 
+    @classmethod
+    def from_pretrained(cls, name_or_path: Any, **kwargs: Any) -> MVModel:
+        """:func:`mv_interp.load_model` as a constructor: a hub id (``"org/name"``), a directory, a
+        checkpoint or a bundled name, with the same keyword arguments (``device``, ``revision`` …)."""
+        from .api import load_model
+
+        return load_model(name_or_path, **kwargs)
+
     def save_pretrained(self, directory: Any, extra: dict | None = None):
+        """Write ``config.json`` + ``model.safetensors``, which :meth:`from_pretrained` reads back."""
         from .loading import save_pretrained
 
         return save_pretrained(self._module, directory, extra)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any):
+        """Upload :meth:`save_pretrained`'s files and a model card to hub repo ``repo_id``
+        (:func:`mv_interp.hub.push_to_hub`); ``from_pretrained(repo_id)`` reads it back."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self._module, repo_id, **kwargs)
 
     def __repr__(self) -> str:
         c = self._module.config
