@@ -126,6 +126,10 @@ def _show(args: argparse.Namespace) -> int:
     files.update(write_4d(out, model, probes, pairs, kind=args.kind, lens=not args.no_lens, rerun=not args.no_rerun))
     for k, v in files.items():
         print(f"  {k}: {v}")
+    from ..viz.recording import RERUN_HINT, rerun_available
+
+    if not args.no_rerun and not rerun_available():
+        print(f"  (no .rrd recordings: rerun-sdk is not installed; {RERUN_HINT})")
     return 0
 
 

@@ -584,10 +584,11 @@ def views_step(model: Any, pairs: Pairs, cfg: ReportConfig, out: Path, progress:
     from PIL import Image
 
     from ..probes import ProbeSet, probe_frames
-    from ..viz import viewer_data, write_rerun_recording
+    from ..viz import rerun_available, viewer_data, write_rerun_recording
 
     module = _module(model)
     probes = ProbeSet.load(out / "probes" / "model", device=module.device)
+    rerun = rerun_available()  # the .rrd sidecars need the optional extra; the page's viewers do not
     d = out / "views"
     files, info = [], {}
     for label in _tqdm(list(pairs.examples), progress, desc="4D views", unit="pair"):
@@ -602,7 +603,9 @@ def views_step(model: Any, pairs: Pairs, cfg: ReportConfig, out: Path, progress:
             title = f"{label} pair · {'probes' if method == PROBE_KIND else 'pointmap lens'}"
             data = viewer_data(frames, images, valid, gt, title=title, max_points=cfg.max_points)
             files.append(write_json(d / f"viewer_{label}_{method}.json", data))
-        files.append(write_rerun_recording(d / f"pair_{label}.rrd", methods[PROBE_KIND], images, valid, gt,
-                                           app_id=f"mv_interp_report_{label}"))
+        if rerun:
+            files.append(write_rerun_recording(d / f"pair_{label}.rrd", methods[PROBE_KIND], images, valid, gt,
+                                               app_id=f"mv_interp_report_{label}"))
         info[label] = dict(pairs.stats[pairs.examples[label]])
+    info["rerun"] = rerun
     return files, info

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import html as H
+from ..viz.recording import RERUN_HINT
 from .html import esc, fmt, pct
 
 SECTIONS = (("summary", "At a glance"), ("geometry", "4D: geometry through the network"),
@@ -173,7 +174,8 @@ def _geometry(ctx: dict, out: Path) -> str:
             + _viewer(out, out / "views" / f"viewer_{label}_mlp.json", f"mvv-{label}-mlp")
             + f'<details><summary>the same pair through the pointmap lens (the model\'s own head on each site, '
               f'no training)</summary>{lens}</details>'
-            + f'<div class="muted">rerun recording: <code>views/pair_{label}.rrd</code></div></div>')
+            + (f'<div class="muted">rerun recording: <code>views/pair_{label}.rrd</code></div>'
+               if info.get("rerun", True) else "") + '</div>')
     body = H.howto(
         "Each viewer shows what the probes decode from the residual stream of both views at one site; the slider "
         "(or <i>play</i>, or the arrow keys) steps through the sites in processing order: encoder output, decoder "
@@ -184,8 +186,13 @@ def _geometry(ctx: dict, out: Path) -> str:
         "place and its shape straighten: on the easy pair early, on the hard pair over several blocks (the paper's "
         "Figure 3).")
     body += f'<div class="grid2">{"".join(cards)}</div>'
-    body += ('<p class="muted">The same frames as rerun recordings (time axis = site): '
-             '<code>rerun views/pair_easy.rrd</code> in the output folder (<code>pip install rerun-sdk</code>).</p>')
+    if info.get("rerun", True):
+        body += ('<p class="muted">The same frames as rerun recordings (time axis = site): '
+                 '<code>rerun views/pair_easy.rrd</code> in the output folder (the viewer comes with rerun-sdk).</p>')
+    else:
+        body += ('<p class="muted">No rerun recordings (<code>.rrd</code>) of these frames were written: rerun-sdk, '
+                 f'an optional extra, is not installed. To get them: <code>{esc(RERUN_HINT)}</code>, then re-run '
+                 'the same <code>mv-interp report</code> command (only this step is recomputed).</p>')
     return body
 
 

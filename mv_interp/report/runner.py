@@ -15,6 +15,7 @@ import torch
 
 from . import analysis as A
 from .config import ReportConfig
+from ..viz.recording import rerun_available
 from .steps import Steps, digest
 
 REPORT = "report.html"
@@ -157,7 +158,7 @@ def run_report(model: Any = "dust3r-toy", config: ReportConfig | None = None, ou
               title=TITLES["knockout"])
     steps.run("patching", {**base, "pairs": cfg.patch_pairs, "per": list(cfg.patch_per)},
               lambda: A.patching_step(model, pairs, cfg, out, progress), title=TITLES["patching"])
-    steps.run("views", {**base, "points": cfg.max_points, "examples": pairs.examples},
+    steps.run("views", {**base, "points": cfg.max_points, "examples": pairs.examples, "rerun": rerun_available()},
               lambda: A.views_step(model, pairs, cfg, out, progress), reads=["probes"], title=TITLES["views"])
 
     t = time.perf_counter()
