@@ -189,7 +189,10 @@ class ConfigMixin:
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; valid fields: {sorted(names)}")
-        return cls(**{k: _from_jsonable(v) for k, v in data.items()})
+        values = {k: _from_jsonable(v) for k, v in data.items()}
+        from ..configs import check_fields  # typed validation of user-written configs: field, type, value
+
+        return cls(**check_fields(cls, values, given=data))
 
     def replace(self, **changes: Any):
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]

@@ -4,6 +4,10 @@
     mv-interp report --checkpoint DUSt3R_ViTLarge_BaseDecoder_224_linear.pth --device cuda --out runs/dust3r
     mv-interp report --data my_capture/ --pairs 128    # a capture directory (docs/data.md)
     mv-interp report --fast --out /tmp/smoke           # a smoke run of every step (< 1 min on a CPU)
+    mv-interp report --set knockout_k=3 --config my_report.json   # any ReportConfig field
+
+Every :class:`ReportConfig` field is an option (generated from the dataclass: its docstring is the
+help), so a new field appears here by itself.
 """
 
 from __future__ import annotations
@@ -11,22 +15,62 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from pathlib import Path
 
 from .._cli import add_model_args
 
+DESCRIPTION = """\
+Train pointmap probes at every site (and the same probes on a random-weight copy as a control),
+score and classify every attention head, knock out the register tokens, run activation-patching
+sweeps, and write one self-contained HTML page, OUT/report.html, with the 4D view, the figures and
+the tables. PNG, CSV and JSON files (and rerun .rrd recordings with the rerun extra) go to OUT too.
+
+Re-running reuses finished steps, a changed setting recomputes only what depends on it, and an
+interrupted run resumes. The default preset takes about seven minutes on a 2-core CPU for the
+bundled dust3r-toy; --fast (the fast preset) is a smoke run of every step.
+
+Settings: a preset (--preset), then a JSON file of ReportConfig fields (--config), then --set
+FIELD=VALUE, then the options below; docs/report.md explains each step.
+
+examples:
+  mv-interp report --checkpoint DUSt3R_ViTLarge_BaseDecoder_224_linear.pth --device cuda --out runs/dust3r
+  mv-interp report --model naver/DUSt3R_ViTLarge_BaseDecoder_512_dpt --device cuda --pairs 256
+  mv-interp report --data my_capture/ --set knockout_k=3
+"""
+
+
+def _config(args: argparse.Namespace, opts):
+    from ..configs import config_from_args
+    from .config import ReportConfig
+
+    return config_from_args(args, opts, ReportConfig.preset(args.preset or ("fast" if args.fast else "default")))
+
+
+def _model_config_alias(args: argparse.Namespace) -> None:
+    """``--config NAME`` used to name the model config of a bare state dict; it now takes a report
+    config file. A value that is no file but a known model config name keeps working (deprecated)."""
+    value = args.cfg_file
+    if value is None or Path(value).exists() or value.endswith(".json"):
+        return
+    from ..adapters import adapters
+
+    names = {n for a in adapters() for n in a.named_configs} | {f"{a.name}:{n}" for a in adapters()
+                                                               for n in a.named_configs}
+    if value in names:
+        print(f"mv-interp report: warning: --config {value} for a model config is deprecated; use --model-config",
+              file=sys.stderr)
+        args.model_config, args.cfg_file = args.model_config or value, None
+
 
 def _run(args: argparse.Namespace) -> int:
-    from .config import ReportConfig
     from .runner import run_report
 
-    cfg = ReportConfig.preset("fast" if args.fast else "default").changed(
-        pairs=args.pairs, probe_steps=args.probe_steps, batch_size=args.batch_size, probe_width=args.probe_width,
-        control_steps=args.control_steps,
-        control=False if args.no_control else None, seed=args.seed)
+    _model_config_alias(args)
+    cfg = _config(args, args.report_options)
     force: bool | list[str] = False
     if args.force is not None:
         force = True if not args.force else list(args.force)
-    files = run_report(args.model, cfg, args.out, data=args.data, device=args.device, model_config=args.config,
+    files = run_report(args.model, cfg, args.out, data=args.data, device=args.device, model_config=args.model_config,
                        family=args.family, force=force, progress=not args.quiet,
                        command="mv-interp " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if
                        len(sys.argv) > 1 and sys.argv[1] == "report" else "mv-interp report")
@@ -35,32 +79,27 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
+    from ..configs import add_config_options
+    from .config import PRESETS, ReportConfig
     from .runner import STEP_NAMES
 
-    p = sub.add_parser(
-        "report", help="the whole analysis (probes, heads, knockout, patching) as one HTML page",
-        description="Train probes at every site (and a random-backbone control), score and classify every attention "
-                    "head, knock out the register tokens, run activation-patching sweeps, and write one "
-                    "self-contained HTML page (OUT/report.html) with the 4D view, figures and tables; PNG, CSV, "
-                    "JSON and rerun files go to OUT as well. Re-running reuses finished steps; an interrupted run "
-                    "resumes. The defaults take about ten minutes on a 2-core CPU for the bundled dust3r-toy.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(p)
+    p = sub.add_parser("report", help="the whole analysis (probes, heads, knockout, patching) as one HTML page",
+                       description=DESCRIPTION)
+    add_model_args(p, config_alias=False)
     p.add_argument("--checkpoint", dest="model", default=argparse.SUPPRESS,
-                   help="same as --model (an official DUSt3R .pth, an HF-style directory, a state dict ...)")
-    p.add_argument("--data", default=None, help="capture directory (docs/data.md); default: synthetic rooms")
-    p.add_argument("--pairs", type=int, default=None,
-                   help="held-out pairs for every measurement (default 64; --fast 8)")
+                   help="same as --model (an official DUSt3R .pth, an HF-style directory, a hub id …) "
+                        "(default: --model's)")
+    p.add_argument("--data", default=None,
+                   help="capture directory (docs/data.md) (default: synthetic rooms, exact geometry)")
     p.add_argument("--out", default="mv_interp_out", help="output folder (default: %(default)s)")
-    p.add_argument("--fast", action="store_true", help="a smoke run of every step (under a minute on a CPU)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="named ReportConfig the settings start from: " + "; ".join(
+                       f"{name}{' (--fast)' if name == 'fast' else ''}" for name in PRESETS) + " (default: default)")
+    p.add_argument("--fast", action="store_true", help="shorthand for --preset fast: a smoke run of every step "
+                                                         "(under a minute on a CPU)")
     p.add_argument("--force", nargs="*", default=None, metavar="STEP",
-                   help=f"recompute finished steps: all, or the named ones ({', '.join(STEP_NAMES)})")
-    p.add_argument("--probe-steps", type=int, default=None, help="probe training steps (default 300; --fast 12)")
-    p.add_argument("--batch-size", type=int, default=None, help="pairs per probe step and per batch (default 8)")
-    p.add_argument("--probe-width", type=int, default=None, help="hidden width of the MLP probes (default 256)")
-    p.add_argument("--control-steps", type=int, default=None,
-                   help="steps of the random-backbone control probes (default 80; --fast 6)")
-    p.add_argument("--no-control", action="store_true", help="skip the random-backbone control probes")
-    p.add_argument("--seed", type=int, default=None, help="probe initialisation and training-data seed (default 0)")
+                   help=f"recompute finished steps: all, or the named ones ({', '.join(STEP_NAMES)}) "
+                        "(default: reuse every finished step)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=_run)
+    opts = add_config_options(p, ReportConfig, presets=PRESETS, title="report settings (ReportConfig fields)")
+    p.set_defaults(func=_run, report_options=opts)
