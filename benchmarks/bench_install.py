@@ -10,6 +10,7 @@ few minutes).
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -21,12 +22,15 @@ ROOT = Path(__file__).parents[1]
 
 def site_packages_mb(venv: Path) -> int:
     sp = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                        capture_output=True, text=True, check=True).stdout.strip()
+                        capture_output=True, text=True, check=True, env=CLEAN_ENV).stdout.strip()
     return int(subprocess.run(["du", "-sm", sp], capture_output=True, text=True, check=True).stdout.split()[0])
 
 
+CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}  # a user's fresh shell
+
+
 def pip(venv: Path, *args: str) -> None:
-    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", *args], check=True)
+    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", *args], check=True, env=CLEAN_ENV)
 
 
 def main() -> None:
@@ -42,7 +46,8 @@ def main() -> None:
         torch_only = site_packages_mb(venv)
         pip(venv, "-e", str(ROOT))
         with_base = site_packages_mb(venv)
-        has_rerun = subprocess.run([str(venv / "bin" / "python"), "-c", "import rerun"], capture_output=True).returncode == 0
+        has_rerun = subprocess.run([str(venv / "bin" / "python"), "-c", "import rerun"], capture_output=True,
+                                   env=CLEAN_ENV).returncode == 0
         pip(venv, "-e", f"{ROOT}[rerun]")
         with_rerun = site_packages_mb(venv)
     rows = [["torch only", torch_only, "", ""], ["+ pip install -e .", with_base, with_base - torch_only,

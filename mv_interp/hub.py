@@ -12,7 +12,7 @@ What is read from a repository, in this order (the first layout present wins):
    write. The family comes from ``mv_interp_family`` in the config, else from the adapter whose
    ``matches_hf_config`` recognises it, so a new family plugs in through its adapter alone;
 2. one official ``.pth`` checkpoint (``{"model", "args"}``, read with ``weights_only=True``);
-3. one bare ``.safetensors`` / ``.pth`` state dict, with ``config=``.
+3. one bare ``.safetensors`` / ``.pth`` state dict, with the repository's ``config.json`` or ``config=``.
 
 ``filename=`` picks a file explicitly when a repository holds several.
 
@@ -83,29 +83,26 @@ def is_offline(local_files_only: bool | None = None) -> bool:
 
 def choose_files(files: Sequence[str], config: Any = None, filename: str | None = None,
                  repo_id: str = "the repository") -> list[str]:
-    """Which files of a repository to fetch (see the module docstring for the order)."""
-    files = [f for f in files if "/" not in f] if filename is None else list(files)
+    """Which files of a repository to fetch (see the module docstring for the order): ``[config.json,
+    weights]`` when the repository has a ``config.json`` and no ``config=`` overrides it, else ``[weights]``."""
+    sidecar = [CONFIG_NAME] if config is None and CONFIG_NAME in files else []
     if filename is not None:
         if filename not in files:
             raise HubError(f"{repo_id} has no file {filename!r}; its files: {sorted(files)}")
-        sidecar = [CONFIG_NAME] if filename.endswith(".safetensors") and config is None and CONFIG_NAME in files else []
-        return sidecar + [filename]
+        return [s for s in sidecar if s != filename] + [filename]
     if CONFIG_NAME in files and WEIGHTS_NAME in files:
-        return [CONFIG_NAME, WEIGHTS_NAME]
-    checkpoints = sorted(f for f in files if f.endswith(CHECKPOINT_SUFFIXES))
-    tensors = sorted(f for f in files if f.endswith(".safetensors"))
-    if len(checkpoints) == 1 and not (config is not None and len(tensors) == 1):
-        return checkpoints
-    if config is not None and len(tensors) == 1:
-        return tensors
-    if len(checkpoints) + len(tensors) > 1:
-        raise HubError(f"{repo_id} holds several weight files {checkpoints + tensors} and no "
-                       f"{CONFIG_NAME} + {WEIGHTS_NAME}: pass filename= (--model {repo_id} needs a single file)")
-    if tensors:
-        raise CheckpointError(f"{repo_id} holds the bare state dict {tensors[0]} without {CONFIG_NAME}: "
-                              "pass config= (e.g. '224_linear')")
-    raise HubError(f"{repo_id} holds no model files ({CONFIG_NAME} + {WEIGHTS_NAME}, a .pth checkpoint or a "
-                   f".safetensors state dict); its files: {sorted(files)}")
+        return sidecar + [WEIGHTS_NAME]
+    weights = sorted(f for f in files if "/" not in f and f.endswith(CHECKPOINT_SUFFIXES + (".safetensors",)))
+    if len(weights) > 1:
+        raise HubError(f"{repo_id} holds several weight files {weights} and no {CONFIG_NAME} + {WEIGHTS_NAME}: "
+                       f"pass filename= (one of them)")
+    if not weights:
+        raise HubError(f"{repo_id} holds no model files ({CONFIG_NAME} + {WEIGHTS_NAME}, a .pth checkpoint or a "
+                       f".safetensors state dict); its files: {sorted(files)}")
+    if weights[0].endswith(".safetensors") and config is None and not sidecar:
+        raise CheckpointError(f"{repo_id} holds the bare state dict {weights[0]} without {CONFIG_NAME}: "
+                              "pass config= (e.g. '224_linear'; --model-config on the command line)")
+    return sidecar + weights
 
 
 def _not_cached(repo_id: str, revision: str | None, cache: Path, why: str) -> HubError:
@@ -187,11 +184,9 @@ def load_hooked_from_hub(name: str, config: Any = None, family: str | None = Non
     if rev is not None and revision is not None and rev != revision:
         raise ValueError(f"{name!r} names revision {rev!r} but revision={revision!r} was passed; give one")
     paths = resolve(repo_id, revision or rev, config, filename, cache_dir, token, local_files_only)
-    by_name = {p.name: p for p in paths}
-    if CONFIG_NAME in by_name and len(paths) == 2:
-        weights = next(p for p in paths if p.name != CONFIG_NAME)
-        return load_dir(by_name[CONFIG_NAME], weights, config, family)
-    return load_hooked(paths[-1], config=config, family=family)
+    if len(paths) == 2:  # config.json + weights
+        return load_dir(paths[0], paths[1], config, family)
+    return load_hooked(paths[0], config=config, family=family)
 
 
 # --------------------------------------------------------------------------------------

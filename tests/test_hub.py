@@ -107,6 +107,10 @@ def test_repo_file_choice_and_bare_state_dicts(offline_cache, tmp_path, tiny_mod
     with pytest.raises(ValueError, match="bare state dict weights.safetensors without config.json: pass config="):
         mv_interp.load_model("me/bare")
     _same_weights(mv_interp.load_model("me/bare", config=tiny_config.to_dict()), tiny_model)
+    # a config.json beside a differently named weights file is used for it
+    cfg = json.dumps({"mv_interp_family": "dust3r", **tiny_config.to_dict()}).encode()
+    add_repo(offline_cache, "me/sidecar", {"config.json": cfg, "weights.safetensors": sd})
+    _same_weights(mv_interp.load_model("me/sidecar"), tiny_model)
     add_repo(offline_cache, "me/two", {"a.pth": FIXTURES / "dust3r" / "dust3r_tiny_linear.pth",
                                        "b.pth": FIXTURES / "dust3r" / "dust3r_tiny_linear.pth"})
     with pytest.raises(FileNotFoundError, match=r"several weight files \['a.pth', 'b.pth'\].*pass filename="):
