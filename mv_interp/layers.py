@@ -93,60 +93,194 @@ class RoPE2D(nn.Module):
 # --------------------------------------------------------------------------------------
 
 
+_ATTN_HOOKS = ("hook_q", "hook_k", "hook_v", "hook_rot_q", "hook_rot_k", "hook_attn_scores", "hook_pattern", "hook_z")
+_QK_NORM_HOOKS = ("hook_q_normed", "hook_k_normed")
+
+
+def add_attention_hooks(module: nn.Module, qk_norm: bool = False) -> None:
+    """Give ``module`` the hook points of one attention call (see :class:`AttentionCore`)."""
+    for name in _ATTN_HOOKS + (_QK_NORM_HOOKS if qk_norm else ()):
+        setattr(module, name, HookPoint())
+
+
+class AttentionHooks(nn.Module):
+    """The hook points of one attention call, without parameters.
+
+    For a layer whose weights run several times per forward (VGGT's camera trunk, once per
+    refinement iteration): each call gets its own :class:`AttentionHooks`, so every hook still
+    runs once per forward. Pass it as ``hooks=`` to :meth:`AttentionCore.attend`.
+    """
+
+    def __init__(self, qk_norm: bool = False):
+        super().__init__()
+        add_attention_hooks(self, qk_norm)
+
+
 class AttentionCore(nn.Module):
     """q/k/v (already split into heads) → per-head output z, with every hook on the path.
 
-    Hooks: ``hook_q``/``hook_k``/``hook_v`` [batch, head, pos, d_head] before RoPE,
-    ``hook_rot_q``/``hook_rot_k`` after it, ``hook_attn_scores`` [batch, head, q_pos, k_pos]
-    (pre-softmax, scaled), ``hook_pattern`` (post-softmax), ``hook_z`` [batch, q_pos, head, d_head].
+    Hooks: ``hook_q``/``hook_k``/``hook_v`` [batch, head, pos, d_head] as projected,
+    ``hook_q_normed``/``hook_k_normed`` after the qk-norm (only with ``qk_norm_dim``),
+    ``hook_rot_q``/``hook_rot_k`` after RoPE (what the softmax sees), ``hook_attn_scores``
+    [batch, head, q_pos, k_pos] (pre-softmax, scaled), ``hook_pattern`` (post-softmax),
+    ``hook_z`` [batch, q_pos, head, d_head].
 
     The fused SDPA kernel is used unless a score/pattern hook is active (a torch hook,
-    an nnsight read, or ``force_eager``); the two paths agree to fp32 rounding.
+    an nnsight read, or ``force_eager``); the two paths agree to fp32 rounding. Patterns of a
+    few queries alone come from :func:`query_patterns` without leaving SDPA.
+
+    ``qk_norm_dim``: one ``LayerNorm(d_head)`` each for q and k (``q_norm``/``k_norm``, shared
+    by all heads) applied before RoPE, as VGGT does. ``hooks=False`` builds the weights alone,
+    for layers whose calls each pass their own :class:`AttentionHooks`.
     """
 
     force_eager: bool = False
 
-    def __init__(self, n_heads: int, rope: RoPE2D | None, scale: float | None = None):
+    def __init__(self, n_heads: int, rope: RoPE2D | None, scale: float | None = None,
+                 qk_norm_dim: int | None = None, qk_norm_eps: float = 1e-5, hooks: bool = True):
         super().__init__()
         self.n_heads = n_heads
         self.rope = rope
         #: logit scale; ``None`` is the usual ``d_head ** -0.5``
         self.scale = scale
-        self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
-        self.hook_rot_q, self.hook_rot_k = HookPoint(), HookPoint()
-        self.hook_attn_scores, self.hook_pattern = HookPoint(), HookPoint()
-        self.hook_z = HookPoint()
+        self.q_norm = nn.LayerNorm(qk_norm_dim, eps=qk_norm_eps) if qk_norm_dim else None
+        self.k_norm = nn.LayerNorm(qk_norm_dim, eps=qk_norm_eps) if qk_norm_dim else None
+        if hooks:
+            add_attention_hooks(self, qk_norm=bool(qk_norm_dim))
 
-    def needs_pattern(self) -> bool:
-        return self.force_eager or self.hook_attn_scores.is_active or self.hook_pattern.is_active
+    def needs_pattern(self, hooks: nn.Module | None = None) -> bool:
+        h = self if hooks is None else hooks
+        return self.force_eager or h.hook_attn_scores.is_active or h.hook_pattern.is_active
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, qpos: Tensor | None, kpos: Tensor | None) -> Tensor:
-        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+    def logit_scale(self, d_head: int) -> float:
+        return d_head**-0.5 if self.scale is None else self.scale
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, qpos: Tensor | None, kpos: Tensor | None,
+               hooks: nn.Module | None = None) -> Tensor:
+        h = self if hooks is None else hooks
+        q, k, v = h.hook_q(q), h.hook_k(k), h.hook_v(v)
+        if self.q_norm is not None:
+            q, k = h.hook_q_normed(self.q_norm(q)), h.hook_k_normed(self.k_norm(k))
         if self.rope is not None:
             q, k = self.rope(q, qpos), self.rope(k, kpos)
-        q, k = self.hook_rot_q(q), self.hook_rot_k(k)
-        scale = q.shape[-1] ** -0.5 if self.scale is None else self.scale
-        if self.needs_pattern():
-            scores = self.hook_attn_scores((q @ k.transpose(-2, -1)) * scale)
-            pattern = self.hook_pattern(scores.softmax(dim=-1))
+        q, k = h.hook_rot_q(q), h.hook_rot_k(k)
+        scale = self.logit_scale(q.shape[-1])
+        if self.needs_pattern(h):
+            scores = h.hook_attn_scores((q @ k.transpose(-2, -1)) * scale)
+            pattern = h.hook_pattern(scores.softmax(dim=-1))
             out = pattern.to(v.dtype) @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-        return self.hook_z(rearrange(out, "batch head pos d_head -> batch pos head d_head"))
+        return h.hook_z(rearrange(out, "batch head pos d_head -> batch pos head d_head"))
+
+
+def query_patterns(
+    q: Float[Tensor, "batch head q_pos d_head"],
+    k: Float[Tensor, "batch head k_pos d_head"],
+    scale: float,
+    queries: Int[Tensor, " n"] | Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+) -> Float[Tensor, "batch n_head n k_pos"]:
+    """``softmax(q kᵀ · scale)`` for the chosen query rows and heads only, in fp32.
+
+    ``q``, ``k`` are what the softmax sees (after qk-norm and RoPE: an attention's ``hook_rot_q`` /
+    ``hook_rot_k``). Memory is ``batch · heads · len(queries) · k_pos``, so a few hundred queries
+    of a many-view global attention cost what one view's full pattern would.
+    """
+    if heads is not None:
+        idx = torch.as_tensor(list(heads), dtype=torch.long, device=q.device)
+        q, k = q.index_select(1, idx), k.index_select(1, idx)
+    if queries is not None:
+        q = q.index_select(2, torch.as_tensor(queries, dtype=torch.long, device=q.device))
+    return ((q.float() @ k.float().transpose(-2, -1)) * scale).softmax(dim=-1)
+
+
+class QueryPatterns:
+    """Attention patterns of chosen queries (and heads), recorded while the forward stays on SDPA.
+
+    For each attention (named by its pattern hook, e.g. ``"decoder.dec_blocks.3.attn.hook_pattern"``)
+    the recorder hooks the attention's ``hook_rot_q`` (keeps the chosen query rows) and
+    ``hook_rot_k`` (computes their softmax against every key with :func:`query_patterns`), so the
+    explicit ``[batch, head, q_pos, k_pos]`` pattern is never built. ``queries`` index the pattern's
+    query axis (for a ``"global"`` site: the token of every view, view-major); ``None`` is every query.
+
+    >>> rec = QueryPatterns(model, {"decoder.dec_blocks.3.attn.hook_pattern": [0, 17, 40]}, heads=[0, 2])
+    >>> with model.hooks(rec.hooks()):
+    ...     model(*views)
+    >>> rec.patterns["decoder.dec_blocks.3.attn.hook_pattern"].shape   # [batch, 2, 3, k_pos]
+
+    ``on_pattern(pattern_hook, pattern)`` instead of storing: each pattern is handed over as soon as
+    it exists (what the head scorer does, so one pattern is alive at a time).
+    """
+
+    def __init__(self, model: nn.Module, queries: dict[str, Sequence[int] | Tensor | None],
+                 heads: Sequence[int] | dict[str, Sequence[int]] | None = None, on_pattern=None):
+        module = getattr(model, "_module", model)
+        self.patterns: dict[str, Tensor] = {}
+        self.on_pattern = on_pattern
+        self._hooks: list[tuple[str, object]] = []
+        self._q: dict[str, Tensor] = {}
+        for pattern_hook, qs in queries.items():
+            prefix, _, leaf = pattern_hook.rpartition(".")
+            if leaf != "hook_pattern":
+                raise ValueError(f"QueryPatterns takes pattern hook names (…attn.hook_pattern), got {pattern_hook!r}")
+            try:
+                core = module.get_submodule(prefix)
+            except AttributeError:
+                raise KeyError(f"no attention at {prefix!r} (from {pattern_hook!r})") from None
+            for need in ("hook_rot_q", "hook_rot_k"):
+                if not hasattr(core, need):
+                    raise ValueError(f"{prefix} has no {need}: QueryPatterns needs an attention with rot_q/rot_k hooks")
+            hs = heads.get(pattern_hook) if isinstance(heads, dict) else heads
+            q_idx = None if qs is None else torch.as_tensor(qs, dtype=torch.long)
+            scale_of = getattr(core, "logit_scale", lambda d: d**-0.5)
+            self._hooks.append((f"{prefix}.hook_rot_q", self._keep_q(pattern_hook, q_idx, hs)))
+            self._hooks.append((f"{prefix}.hook_rot_k", self._softmax(pattern_hook, hs, scale_of)))
+
+    def _keep_q(self, name: str, q_idx: Tensor | None, heads: Sequence[int] | None):
+        def hook(q: Tensor, hook) -> None:
+            if heads is not None:
+                q = q.index_select(1, torch.as_tensor(list(heads), dtype=torch.long, device=q.device))
+            if q_idx is not None:
+                if len(q_idx) and int(q_idx.max()) >= q.shape[2]:
+                    raise IndexError(f"{name}: query index {int(q_idx.max())} out of range for {q.shape[2]} queries")
+                q = q.index_select(2, q_idx.to(q.device))
+            self._q[name] = q.detach()
+
+        return hook
+
+    def _softmax(self, name: str, heads: Sequence[int] | None, scale_of):
+        def hook(k: Tensor, hook) -> None:
+            q, k = self._q.pop(name), k.detach()  # q: the chosen rows and heads already
+            if heads is not None:
+                k = k.index_select(1, torch.as_tensor(list(heads), dtype=torch.long, device=k.device))
+            pattern = query_patterns(q, k, scale_of(k.shape[-1]))
+            if self.on_pattern is not None:
+                self.on_pattern(name, pattern)
+            else:
+                self.patterns[name] = pattern
+
+        return hook
+
+    def hooks(self) -> list[tuple[str, object]]:
+        """``[(hook name, fn)]`` for ``model.hooks(...)`` / ``run_with_hooks(fwd_hooks=...)``."""
+        return list(self._hooks)
 
 
 class SelfAttention(AttentionCore):
     """Multi-head self-attention with one fused ``qkv`` projection (rows [q | k | v], head-major)."""
 
     def __init__(self, dim: int, n_heads: int, rope: RoPE2D | None = None, qkv_bias: bool = True,
-                 scale: float | None = None):
-        super().__init__(n_heads, rope, scale)
+                 scale: float | None = None, qk_norm: bool = False, qk_norm_eps: float = 1e-5, hooks: bool = True):
+        super().__init__(n_heads, rope, scale, dim // n_heads if qk_norm else None, qk_norm_eps, hooks)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Float[Tensor, "batch pos d_model"], pos: Tensor | None = None) -> Float[Tensor, "batch pos d_model"]:
+    def forward(self, x: Float[Tensor, "batch pos d_model"], pos: Tensor | None = None,
+                hooks: nn.Module | None = None) -> Float[Tensor, "batch pos d_model"]:
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.n_heads)
-        z = self.attend(q, k, v, pos, pos)
+        # subclasses that override attend(q, k, v, qpos, kpos) keep working without hooks=
+        z = self.attend(q, k, v, pos, pos) if hooks is None else self.attend(q, k, v, pos, pos, hooks=hooks)
         return self.proj(rearrange(z, "b n h d -> b n (h d)"))
 
 

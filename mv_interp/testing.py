@@ -62,6 +62,7 @@ from .adapters.base import (
     STACKS,
     TOKEN_LAYOUTS,
     MultiViewModel,
+    patch_tokens,
     pattern_blocks,
     view_tokens,
 )
@@ -592,7 +593,7 @@ def _check_sites(ctx: CheckContext) -> list[str]:
         except Exception as e:  # noqa: BLE001
             fails.append(f"{where}: view_tokens fails on {s.hook} {_shape(act)}: {e}")
             continue
-        want = (ctx.batch, ctx.n_patches, act.shape[-1])
+        want = (ctx.batch, s.n_prefix + ctx.n_patches, act.shape[-1])
         if tuple(tok.shape) != want:
             fails.append(f"{where}: layout {s.layout!r} gives tokens {_shape(tok)} from {s.hook} {_shape(act)}, "
                          f"expected [batch, pos, d] = {list(want)}")
@@ -609,8 +610,9 @@ def _check_sites(ctx: CheckContext) -> list[str]:
         if bad:
             fails.append(f"view {v}: site order does not follow execution, e.g. {bad[0][0]!r} (order before) "
                          f"runs after {bad[0][1]!r}")
+    off_grid = lambda h: any(fnmatch.fnmatchcase(h, g) for g in getattr(m, "off_grid_hooks", ()))  # noqa: E731
     blocks = sorted({h.rsplit(".", 1)[0] for h in m.hook_dict
-                     if h.endswith(".hook_resid_post") and h.rsplit(".", 2)[-2].isdigit()})
+                     if h.endswith(".hook_resid_post") and h.rsplit(".", 2)[-2].isdigit() and not off_grid(h)})
     for b in blocks:
         if not any(s.hook.startswith(b + ".") for s in probes):
             fails.append(f"block {b!r} has no probe site (probe_sites(encoder_blocks=True, sublayers=True))")
@@ -618,7 +620,7 @@ def _check_sites(ctx: CheckContext) -> list[str]:
     # attention sites ------------------------------------------------------------------
     referenced = {s.pattern_hook for s in attn}
     for h in m.hook_dict:
-        if h.endswith("hook_pattern") and h not in referenced:
+        if h.endswith("hook_pattern") and h not in referenced and not off_grid(h):
             fails.append(f"pattern hook {h!r} belongs to no attention site")
     seen_names = set()
     for s in attn:
@@ -656,10 +658,11 @@ def _check_sites(ctx: CheckContext) -> list[str]:
         except Exception as e:  # noqa: BLE001
             fails.append(f"{where}: pattern_blocks fails on {_shape(pat)}: {e}")
             continue
+        n_tok = s.n_prefix + ctx.n_patches
         for (qv, kv), blk in blocks_.items():
-            if tuple(blk.shape) != (ctx.batch, s.n_heads, ctx.n_patches, ctx.n_patches):
+            if tuple(blk.shape) != (ctx.batch, s.n_heads, n_tok, n_tok):
                 fails.append(f"{where}: block ({qv},{kv}) has shape {_shape(blk)}, expected "
-                             f"{[ctx.batch, s.n_heads, ctx.n_patches, ctx.n_patches]}")
+                             f"{[ctx.batch, s.n_heads, n_tok, n_tok]} (n_prefix + patches)")
                 break
     return fails
 
@@ -768,10 +771,10 @@ def _check_pointmap_lens(ctx: CheckContext) -> list[str]:
         if takes_enc:
             enc = [s for s in mine if s.kind == "enc_out"]
             if enc:
-                kwargs["enc_tokens"] = view_tokens(cache[enc[0].hook], enc[0], ctx.n_views)
+                kwargs["enc_tokens"] = patch_tokens(cache[enc[0].hook], enc[0], ctx.n_views)
         try:
             with torch.no_grad():
-                out = m.pointmap_lens(site, view_tokens(cache[site.hook], site, ctx.n_views), ctx.grid, **kwargs)
+                out = m.pointmap_lens(site, patch_tokens(cache[site.hook], site, ctx.n_views), ctx.grid, **kwargs)
         except NotImplementedError:
             raise SkipCheck("pointmap_lens is not implemented") from None
         if tuple(out["pts3d"].shape) != (ctx.batch, H, W, 3) or tuple(out["conf"].shape) != (ctx.batch, H, W):

@@ -38,11 +38,12 @@ def example():
 
 
 def test_builtin_families_are_registered():
-    assert {"dust3r", "mast3r", "fast3r"} <= set(list_adapters())
+    assert {"dust3r", "mast3r", "fast3r", "vggt"} <= set(list_adapters())
     assert get_adapter("fast3r").constructor_names == ("Fast3R",)
     assert get_adapter("mast3r").constructor_names == ("AsymmetricMASt3R",)
+    assert get_adapter("vggt").constructor_names == ("VGGT",)
     with pytest.raises(KeyError, match="registered: .*'dust3r'.*entry point"):
-        get_adapter("vggt")
+        get_adapter("no_such_family")
 
 
 def test_adapter_declarations_are_validated():

@@ -9,6 +9,7 @@ from .base import (
     adapters,
     get_adapter,
     list_adapters,
+    patch_tokens,
     pattern_blocks,
     register_adapter,
     view_tokens,
@@ -16,8 +17,9 @@ from .base import (
 from . import dust3r  # noqa: F401  (registers "dust3r")
 from . import mast3r  # noqa: F401  (registers "mast3r")
 from . import fast3r  # noqa: F401  (registers "fast3r")
+from . import vggt  # noqa: F401  (registers "vggt")
 
 __all__ = [
     "Adapter", "AttentionSite", "MultiViewModel", "ProbeSite", "adapter_for_model", "adapters", "get_adapter",
-    "list_adapters", "pattern_blocks", "register_adapter", "view_tokens",
+    "list_adapters", "patch_tokens", "pattern_blocks", "register_adapter", "view_tokens",
 ]

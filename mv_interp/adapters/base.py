@@ -60,6 +60,8 @@ class ProbeSite:
         order: position along the processing path of this view (for curves and 4D views).
         d_model: width of the activation.
         layout: one of :data:`TOKEN_LAYOUTS`.
+        n_prefix: tokens before the patch grid in each view's tokens (camera, register or cls
+            tokens); the patches follow, row-major. :func:`patch_tokens` drops them.
     """
 
     name: str
@@ -71,6 +73,7 @@ class ProbeSite:
     order: int
     d_model: int
     layout: str = "view"
+    n_prefix: int = 0
 
     @property
     def is_residual(self) -> bool:
@@ -97,6 +100,8 @@ class AttentionSite:
             self-attention within each view) or ``"global"`` (``[batch, head, Σq, Σk]``:
             queries and keys are all views' tokens concatenated view-major). Split any of
             them into view-to-view blocks with :func:`pattern_blocks`.
+        n_prefix: tokens before the patch grid in each view's block of queries and keys
+            (camera, register or cls tokens); the view's patches follow, row-major.
     """
 
     name: str
@@ -110,6 +115,7 @@ class AttentionSite:
     key_views: tuple[int, ...]
     n_heads: int
     layout: str = "view"
+    n_prefix: int = 0
 
 
 def view_tokens(act: Tensor, site: ProbeSite, n_views: int) -> Tensor:
@@ -123,6 +129,13 @@ def view_tokens(act: Tensor, site: ProbeSite, n_views: int) -> Tensor:
         per = act.shape[1] // n_views
         return act[:, v * per : (v + 1) * per]
     raise ValueError(f"unknown token layout {site.layout!r}; expected one of {TOKEN_LAYOUTS}")
+
+
+def patch_tokens(act: Tensor, site: ProbeSite, n_views: int) -> Tensor:
+    """``[batch, h·w, d]`` patch tokens of ``site.view`` (:func:`view_tokens` without the view's
+    ``site.n_prefix`` special tokens)."""
+    tokens = view_tokens(act, site, n_views)
+    return tokens[:, site.n_prefix:] if site.n_prefix else tokens
 
 
 def pattern_blocks(pattern: Tensor, site: AttentionSite, n_views: int) -> dict[tuple[int, int], Tensor]:
@@ -218,6 +231,9 @@ class MultiViewModel(HookedRootModule):
     #: glob patterns of hooks whose edits cannot reach the output (the conformity suite
     #: skips them in its data-path check); leave empty unless truly unavoidable
     read_only_hooks: ClassVar[tuple[str, ...]] = ()
+    #: glob patterns of hooks on tokens without a patch grid (VGGT's camera trunk: one token per
+    #: view), which are no probe or attention site; the conformity suite's site checks skip them
+    off_grid_hooks: ClassVar[tuple[str, ...]] = ()
 
     def default_n_views(self, n_views: int | None = None) -> int:
         """``n_views`` checked against :attr:`fixed_n_views` (default: the fixed number, else 2)."""

@@ -248,7 +248,8 @@ def _one_pair(model: Any, views: Any, sample: int) -> tuple[Any, list[dict[str, 
 
 
 def _read_blocks(module, views: list[dict[str, Tensor]], refs: Sequence[HeadRef]) -> dict[tuple, Tensor]:
-    """``{(site, qv, kv): [head, q_pos, k_pos]}`` of one pair for the sites of ``refs``."""
+    """``{(site, qv, kv): [head, q_pos, k_pos]}`` of one pair for the sites of ``refs`` (between patches:
+    a site's special tokens are left out)."""
     n_views = len(views)
     from .scoring import _call_sites
 
@@ -263,7 +264,8 @@ def _read_blocks(module, views: list[dict[str, Tensor]], refs: Sequence[HeadRef]
     out = {}
     for s in wanted:
         for (qv, kv), block in pattern_blocks(cache[sites[s].pattern_hook], sites[s], n_views).items():
-            out[(s, qv, kv)] = block[0].float().cpu()
+            n = sites[s].n_prefix
+            out[(s, qv, kv)] = block[0, :, n:, n:].float().cpu()
     return out
 
 

@@ -127,8 +127,9 @@ class RegisterHead:
         pattern_hook / scores_hook: where to edit its attention (post- / pre-softmax).
         layout: the site's pattern layout (``"view"``, ``"stacked"``, ``"global"``).
         layer, stack, kind: the site's.
-        tokens: token indices of the key view's patch grid most often among a sample's top-k
-            keys, most frequent first (at most ``register_k``).
+        tokens: token indices within the key view's tokens (its ``n_prefix`` special tokens first,
+            then the patch grid) most often among a sample's top-k keys, most frequent first (at
+            most ``register_k``).
         frequency: for each token, the share of samples in which it was in the top-k set.
         pattern_key_index: the same tokens as indices along the pattern's key axis
             (``tokens + key_offset``).

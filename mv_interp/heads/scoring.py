@@ -78,6 +78,11 @@ class ScoreConfig(ConfigMixin):
     """Radius in patches (Chebyshev) of the local neighbourhood: 1 is the 3×3 window."""
     sites: Sequence[str] | None = None
     """Only attention sites whose name matches one of these globs (``"dec*.cross.*"``); ``None``: all."""
+    max_queries: int | None = None
+    """Score at most this many query patches per view and batch (a seeded sample, new each batch)
+    instead of all: their attention rows are computed from q and k alone
+    (:class:`~mv_interp.layers.QueryPatterns`) while the forward stays on SDPA, so memory grows with
+    the queries, not with views². ``None`` (or at least the number of patches): every query."""
 
     def __post_init__(self) -> None:
         kinds = (self.kinds,) if isinstance(self.kinds, str) else tuple(self.kinds)
@@ -96,6 +101,8 @@ class ScoreConfig(ConfigMixin):
             raise ValueError(f"ScoreConfig.local_radius must be >= 0 patches, got {self.local_radius}")
         if self.sites is not None:
             object.__setattr__(self, "sites", (self.sites,) if isinstance(self.sites, str) else tuple(self.sites))
+        if self.max_queries is not None and self.max_queries < 1:
+            raise ValueError(f"ScoreConfig.max_queries must be >= 1 (or None for every query), got {self.max_queries}")
 
     def resolved_thresholds(self, patch_size: int) -> tuple[float, ...]:
         return self.thresholds_px if self.thresholds_px is not None else (0.0, float(patch_size), 2.0 * patch_size)
@@ -137,6 +144,8 @@ def block_statistics(
     register_k: int = 5,
     local_radius: int = 1,
     correspondence: Correspondence | None = None,
+    n_prefix: int = 0,
+    query_index: Tensor | Sequence[int] | None = None,
 ) -> BlockStatistics:
     """Statistics of one view-to-view attention block (queries of view b, keys of view a).
 
@@ -145,6 +154,13 @@ def block_statistics(
     ``block_mass`` records how much that is. Both views share the ``grid = (h, w)`` patch grid.
     ``correspondence`` (targets of b in a, only for a block between two different views)
     enables the correspondence sums; queries with ``match == -1`` are not scored.
+    ``n_prefix``: special tokens (camera, registers, cls) before each view's patches on both
+    axes. Only patch queries are scored; local and correspondence scores use the patch keys,
+    the register scores every key — a model's real register tokens are keys like any other, at
+    indices ``0 … n_prefix - 1`` of ``register_counts`` / ``register_key_mass``.
+    ``query_index``: the block holds only these patch queries (indices into the ``h × w`` grid, no
+    special-token rows), e.g. rows from :class:`~mv_interp.layers.QueryPatterns`; every sum is then
+    over those queries.
 
     Sums returned (``rows`` = batch · q_pos queries):
 
@@ -169,15 +185,25 @@ def block_statistics(
     """
     B, H, Nq, Nk = pattern.shape
     h, w = grid
-    if Nq != h * w or Nk != h * w:
+    n_rows = n_prefix + h * w if query_index is None else len(query_index)
+    if Nq != n_rows or Nk != n_prefix + h * w:
         raise ValueError(
-            f"block_statistics: a pattern block is {Nq}x{Nk} but the {h}x{w} patch grid has {h * w} tokens; the "
-            "head scores need attention between patch tokens only (declare extra tokens outside the blocks)"
+            f"block_statistics: a pattern block is {Nq}x{Nk} but the {h}x{w} patch grid has {h * w} tokens "
+            f"after {n_prefix} special tokens ({n_rows} query rows expected); the head scores need attention "
+            "between patch tokens only (declare extra tokens before the patches with the site's n_prefix)"
         )
-    A = pattern.detach().float()
-    dev = A.device
+    dev = pattern.device
+    A_all = pattern.detach().float()  # patch queries, every key
+    if query_index is None:
+        A_all = A_all[:, :, n_prefix:]
+        qsel = torch.arange(h * w, device=dev)
+    else:
+        qsel = torch.as_tensor(query_index, dtype=torch.long, device=dev)
+    A = A_all[..., n_prefix:]  # patch queries, patch keys
+    Nq, Nk = A.shape[2], h * w
     window, centre_px = _grid_tables(h, w, patch_size, local_radius, str(dev))
-    mass = A.sum(-1)  # [B, H, Nq]
+    window = window[qsel]  # [Nq, Nk]: the scored queries' neighbourhoods
+    mass = A_all.sum(-1)  # [B, H, Nq]: the rows' mass in this block, on its special tokens too
     safe = mass.clamp_min(1e-12)
     sums: dict[str, Tensor] = {
         "rows": torch.tensor(float(B * Nq), device=dev),
@@ -188,24 +214,28 @@ def block_statistics(
     if "local" in kinds:
         sums["local_mass"] = (torch.einsum("bhqk,qk->bhq", A, window) / safe).sum((0, 2))
         sums["local_chance"] = window.sum() / Nk * B
-        sums["diag_mass"] = (A.diagonal(dim1=-2, dim2=-1) / safe).sum((0, 2))
+        own = A.gather(-1, qsel.view(1, 1, -1, 1).expand(B, H, -1, 1))[..., 0]  # [B, H, Nq]: own position
+        sums["diag_mass"] = (own / safe).sum((0, 2))
     if "register" in kinds:
-        k = min(register_k, Nk)
-        avg = A.sum(2) / mass.sum(2, keepdim=True).clamp_min(1e-12)  # [B, H, Nk]: query-averaged attention
+        n_keys = A_all.shape[-1]
+        k = min(register_k, n_keys)
+        # [B, H, keys]: query-averaged attention over every key of the block (special tokens too)
+        avg = A_all.sum(2) / A_all.sum((2, 3))[..., None].clamp_min(1e-12)
         top = avg.topk(k, dim=-1)
         top_keys = (top.indices, top.values)
         sums["register_mass"] = top.values.sum(-1).sum(0)
-        sums["register_chance"] = torch.tensor(float(B * k / Nk), device=dev)
+        sums["register_chance"] = torch.tensor(float(B * k / n_keys), device=dev)
         # a key counts as a sample's register only if it also gets more than its uniform share, so
         # the filler of a top-k set (a head with two registers and k = 5) is not reported
-        above = (top.values > 1 / Nk).float()
-        sums["register_counts"] = torch.einsum("bhjn,bhj->hn", F.one_hot(top.indices, Nk).float(), above)
-        sums["register_key_mass"] = avg.sum(0)  # [H, Nk]
+        above = (top.values > 1 / n_keys).float()
+        sums["register_counts"] = torch.einsum("bhjn,bhj->hn", F.one_hot(top.indices, n_keys).float(), above)
+        sums["register_key_mass"] = avg.sum(0)  # [H, keys]
     if "correspondence" in kinds and correspondence is not None:
         match, overlap = correspondence.match.to(dev), correspondence.overlap.to(dev).float()
-        if match.shape != (B, Nq) or overlap.shape != (B, Nq, Nk):
+        if match.shape != (B, h * w) or overlap.shape != (B, h * w, Nk):
             raise ValueError(f"block_statistics: correspondence match {tuple(match.shape)} / overlap "
-                             f"{tuple(overlap.shape)} do not fit a pattern block [{B}, {H}, {Nq}, {Nk}]")
+                             f"{tuple(overlap.shape)} do not fit a {h}x{w} grid of a batch of {B}")
+        match, overlap = match[:, qsel], overlap[:, qsel]
         scored = match >= 0  # [B, Nq]
         sel = scored.float()
         gt = match.clamp_min(0)
@@ -218,13 +248,15 @@ def block_statistics(
         sums["corr_rows"] = sel.sum()
         sums["corr_hits"] = torch.einsum("bhqt,bq->ht", hits, sel)
         sums["corr_chance"] = torch.einsum("bqkt,bq->t", near_gt, sel) / Nk
-        same = centre_px[torch.arange(Nq, device=dev)[None].expand(B, -1), gt][..., None] <= thr  # [B, Nq, T]
+        same = centre_px[qsel[None].expand(B, -1), gt][..., None] <= thr  # [B, Nq, T]
         sums["corr_same_pos"] = torch.einsum("bqt,bq->t", same.float(), sel)
         support = (overlap > 0).float()
         sums["corr_mul_num"] = torch.einsum("bhqk,bqk,bq->h", A, support, sel)
         sums["corr_mul_den"] = torch.einsum("bhq,bq->h", mass, sel)
         sums["corr_mul_chance"] = torch.einsum("bq,bq->", support.sum(-1) / Nk, sel)
         l1 = ((A / safe[..., None]) - overlap[:, None]).abs().sum(-1)  # [B, H, Nq]
+        if n_prefix:  # mass on the special tokens is off the target distribution
+            l1 = l1 + A_all[..., :n_prefix].sum(-1) / safe
         sums["corr_abs"] = torch.einsum("bhq,bq->h", 1 - l1, sel)
         sums["corr_abs_chance"] = torch.einsum("bq,bq->", 1 - (overlap - 1 / Nk).abs().sum(-1), sel)
     return BlockStatistics(sums, top_keys)
@@ -249,6 +281,8 @@ class UnitInfo:
         resid_hook: hook of the residual stream entering this layer for the key view (register
             norms), or ``None`` when the model declares no such probe site.
         resid_site: that probe site's name.
+        n_prefix: the site's special tokens before each view's patches (key indices of the
+            register statistics count them first).
     """
 
     site: AttentionSite
@@ -259,6 +293,7 @@ class UnitInfo:
     patch_size: int
     resid_hook: str | None = None
     resid_site: str | None = None
+    n_prefix: int = 0
 
     @property
     def key(self) -> tuple[str, int, int]:
@@ -270,7 +305,13 @@ class UnitInfo:
 
     @property
     def n_tokens(self) -> int:
+        """Patches of one view."""
         return self.grid[0] * self.grid[1]
+
+    @property
+    def n_keys(self) -> int:
+        """Keys of the block: the view's special tokens, then its patches."""
+        return self.n_prefix + self.n_tokens
 
 
 def _key_offsets(site: AttentionSite, n_views: int, per: int) -> dict[tuple[int, int], int]:
@@ -422,13 +463,13 @@ class HeadScorer:
         probes: list[ProbeSite] = []
         if "register" in self.config.kinds:
             probes = _call_sites(self.module.probe_sites, n_views, encoder_blocks=True)
-        per = grid[0] * grid[1]
         units = {}
         for site in sites:
+            per = site.n_prefix + grid[0] * grid[1]
             for (qv, kv), offset in _key_offsets(site, n_views, per).items():
                 resid = _input_residual(site, kv, probes) if probes else None
                 info = UnitInfo(site, qv, kv, offset, grid, self.module.patch_size,
-                                resid.hook if resid else None, resid.name if resid else None)
+                                resid.hook if resid else None, resid.name if resid else None, site.n_prefix)
                 units[info.key] = info
         return units
 
@@ -457,7 +498,12 @@ class HeadScorer:
         sites = {u.site.name: u.site for u in self.units.values()}
         top_keys: dict[tuple, Tensor] = {}
         norms: dict[str, Tensor] = {}
-        hooks = [(site.pattern_hook, self._pattern_hook(site, n_views, targets, top_keys)) for site in sites.values()]
+        n_patch = grid[0] * grid[1]
+        if self.config.max_queries is not None and self.config.max_queries < n_patch:
+            hooks = self._sampled_hooks(sites, n_views, n_patch, targets, top_keys)
+        else:
+            hooks = [(site.pattern_hook, self._pattern_hook(site, n_views, targets, top_keys))
+                     for site in sites.values()]
         resid_probes = {u.resid_site: u for u in self.units.values() if u.resid_hook}
         if resid_probes:
             probes = {ps.name: ps for ps in _call_sites(self.module.probe_sites, n_views, encoder_blocks=True)}
@@ -496,21 +542,64 @@ class HeadScorer:
         return out
 
     def _pattern_hook(self, site: AttentionSite, n_views: int, targets: dict, top_keys: dict):
-        cfg = self.config
-
         def hook(pattern: Tensor, hook) -> None:
             for (qv, kv), block in pattern_blocks(pattern, site, n_views).items():
-                unit = self.units[(site.name, qv, kv)]
-                stats = block_statistics(block, unit.grid, unit.patch_size, self.thresholds, cfg.kinds,
-                                         cfg.register_k, cfg.local_radius, targets.get((qv, kv)) if qv != kv else None)
-                acc = self.sums.setdefault(unit.key, {})
-                for name, value in stats.sums.items():
-                    acc[name] = acc[name] + value if name in acc else value.clone()
-                if stats.top_keys is not None and unit.resid_hook:
-                    top_keys[unit.key] = stats.top_keys
+                self._add_block(site, qv, kv, block, targets, top_keys)
             return None
 
         return hook
+
+    def _add_block(self, site: AttentionSite, qv: int, kv: int, block: Tensor, targets: dict, top_keys: dict,
+                   query_index: Tensor | None = None) -> None:
+        cfg = self.config
+        unit = self.units[(site.name, qv, kv)]
+        stats = block_statistics(block, unit.grid, unit.patch_size, self.thresholds, cfg.kinds, cfg.register_k,
+                                 cfg.local_radius, targets.get((qv, kv)) if qv != kv else None, unit.n_prefix,
+                                 query_index)
+        acc = self.sums.setdefault(unit.key, {})
+        for name, value in stats.sums.items():
+            acc[name] = acc[name] + value if name in acc else value.clone()
+        if stats.top_keys is not None and unit.resid_hook:
+            top_keys[unit.key] = stats.top_keys
+
+    def sampled_queries(self, n_patch: int) -> Tensor:
+        """The patch queries scored in the current batch when ``max_queries`` is set: a sorted
+        sample, seeded by the batch's index (so batches cover different patches, reproducibly)."""
+        g = torch.Generator().manual_seed(self.n_batches)
+        return torch.randperm(n_patch, generator=g)[: self.config.max_queries].sort().values
+
+    def _sampled_hooks(self, sites: Mapping[str, AttentionSite], n_views: int, n_patch: int, targets: dict,
+                       top_keys: dict) -> list:
+        """Hooks that score ``max_queries`` patch queries per view from q and k (SDPA stays on)."""
+        from ..layers import QueryPatterns
+
+        qsel = self.sampled_queries(n_patch)
+        nq = len(qsel)
+        by_hook = {site.pattern_hook: site for site in sites.values()}
+        rows = {}
+        for hook, site in by_hook.items():
+            per = site.n_prefix + n_patch
+            local = qsel + site.n_prefix
+            rows[hook] = torch.cat([local + v * per for v in range(n_views)]) if site.layout == "global" else local
+
+        def on_pattern(hook: str, pattern: Tensor) -> None:
+            site = by_hook[hook]
+            per = site.n_prefix + n_patch
+            if site.layout == "global":
+                for qv in range(1, n_views + 1):
+                    q_rows = pattern[:, :, (qv - 1) * nq : qv * nq]
+                    for kv in range(1, n_views + 1):
+                        self._add_block(site, qv, kv, q_rows[..., (kv - 1) * per : kv * per], targets, top_keys, qsel)
+            elif site.layout == "stacked":
+                chunks = pattern.reshape(n_views, pattern.shape[0] // n_views, *pattern.shape[1:])
+                for v in range(1, n_views + 1):
+                    self._add_block(site, v, v, chunks[v - 1], targets, top_keys, qsel)
+            else:
+                for i, kv in enumerate(site.key_views):
+                    block = pattern if len(site.key_views) == 1 else pattern[..., i * per : (i + 1) * per]
+                    self._add_block(site, site.query_view, kv, block, targets, top_keys, qsel)
+
+        return QueryPatterns(self.module, rows, on_pattern=on_pattern).hooks()
 
     @staticmethod
     def _norm_hook(sites: list[ProbeSite], n_views: int, norms: dict):
@@ -525,7 +614,7 @@ class HeadScorer:
         for key, (top, share) in top_keys.items():
             unit = self.units[key]
             n = norms.get(unit.resid_site)
-            if n is None or n.shape[-1] != unit.n_tokens:
+            if n is None or n.shape[-1] != unit.n_keys:
                 continue
             B, H, k = top.shape
             # attention-weighted, so keys that only fill the top-k set do not dilute the ratio

@@ -23,11 +23,12 @@ from ..adapters.base import AttentionSite, MultiViewModel
 _ATTN_AXES = {
     "hook_q": "batch head pos d_head", "hook_k": "batch head pos d_head", "hook_v": "batch head pos d_head",
     "hook_rot_q": "batch head pos d_head", "hook_rot_k": "batch head pos d_head",
+    "hook_q_normed": "batch head pos d_head", "hook_k_normed": "batch head pos d_head",
     "hook_attn_scores": "batch head q_pos k_pos", "hook_pattern": "batch head q_pos k_pos",
     "hook_z": "batch pos head d_head",
 }
 # hooks whose token axis holds the keys (the memory, for cross-attention)
-_KEY_SIDE = {"hook_k", "hook_v", "hook_rot_k"}
+_KEY_SIDE = {"hook_k", "hook_v", "hook_rot_k", "hook_k_normed"}
 RESID_AXES = "batch pos d_model"
 # how an attention site's layout maps to the token layout of its per-token hooks
 _SITE_TO_TOKEN_LAYOUT = {"view": "view", "stacked": "stacked", "global": "concat"}
@@ -306,14 +307,16 @@ def hook_info(model: Any, name: str) -> HookInfo:
             layout = _SITE_TO_TOKEN_LAYOUT.get(site.layout, "view")
             if site.layout == "view":
                 views = tuple(site.key_views) if leaf in _KEY_SIDE else (site.query_view,)
-            elif site.layout == "stacked":
+            elif site.layout == "stacked" and module.fixed_n_views is not None:
                 views = tuple(site.key_views)
-            else:  # global: as many views as the run has
+            else:  # global, or a model of any number of views: as many views as the run has
                 views = None
             return HookInfo(name, _ATTN_AXES[leaf], layout, views, site)
     probes = [s for s in module.probe_sites(encoder_blocks=True, sublayers=True) if s.hook == name]
     if probes:
-        views = None if probes[0].layout == "concat" else tuple(sorted({s.view for s in probes}))
+        # sites are declared for a default view count; a model of any number of views holds the run's
+        views = None if probes[0].layout == "concat" or module.fixed_n_views is None \
+            else tuple(sorted({s.view for s in probes}))
         return HookInfo(name, RESID_AXES, probes[0].layout, views)
     return HookInfo(name, None, "view", None, known=False)
 

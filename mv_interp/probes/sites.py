@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from ..adapters.base import ProbeSite, view_tokens
+from ..adapters.base import ProbeSite, patch_tokens
 from ..metrics import SKIP_KINDS
 
 
@@ -108,4 +108,4 @@ def select_sites(sites: Sequence[ProbeSite], wanted: Sequence[str] | None) -> li
 
 def read_tokens(cache, sites: Iterable[ProbeSite], n_views: int) -> dict:
     """``{site name: [batch, pos, d_model]}`` tokens of every site from a cache of hook activations."""
-    return {s.name: view_tokens(cache[s.hook], s, n_views) for s in sites}
+    return {s.name: patch_tokens(cache[s.hook], s, n_views) for s in sites}

@@ -153,11 +153,11 @@ def probe_frames(model: Any, probes: ProbeSet | None, pair: Batch, kind: str = "
     """
     module = unwrap(model)
     pair = [{k: v.to(module.device) for k, v in view.items()} for view in _pair(pair)]
-    sites = list(probes.sites) if probes is not None else module.probe_sites()
+    n_views = probes.n_views if probes is not None else len(pair)
+    sites = list(probes.sites) if probes is not None else module.probe_sites(n_views=n_views)
     from .sites import group_locations
 
     locations = group_locations(sites)
-    n_views = probes.n_views if probes is not None else (module.fixed_n_views or 2)
     read = lens_sites(module, sites) if lens else sites
     imgs = [v["img"] for v in pair]
     _, cache = module.run_with_cache(*imgs, names_filter=sorted({s.hook for s in read}))

@@ -347,10 +347,11 @@ def evaluate_step(model: Any, pairs: Pairs, cfg: ReportConfig, out: Path, progre
 
 def heads_step(model: Any, pairs: Pairs, cfg: ReportConfig, out: Path, progress: bool,
                name: str = "") -> tuple[list, dict]:
-    from ..heads import LABELS, save_example_figures, score_heads
+    from ..heads import LABELS, ScoreConfig, save_example_figures, score_heads
 
     d = out / "heads"
-    scores = score_heads(model, pairs.views, batch_size=cfg.batch_size, progress=progress)
+    scores = score_heads(model, pairs.views, batch_size=cfg.batch_size, progress=progress,
+                         config=ScoreConfig(max_queries=cfg.head_queries))
     scores.model_name = name or scores.model_name
     paths = scores.save(d)
     paths.update(save_example_figures(model, pairs.pair("easy"), scores, d, n_queries=cfg.overlay_queries))

@@ -59,6 +59,10 @@ class ReportConfig(ConfigMixin):
     """Points per view in each 4D viewer frame."""
     overlay_queries: int = 4
     """Query patches drawn in each attention-overlay figure."""
+    head_queries: int | None = 256
+    """Query patches per view and batch the head scores use (a seeded sample; their attention rows
+    come from q and k while the forward stays on fused attention, so many-view models fit in
+    memory); ``None`` or at least the patch count (dust3r-toy: 196): every query."""
 
     def __post_init__(self) -> None:
         kinds = (self.probe_kinds,) if isinstance(self.probe_kinds, str) else tuple(self.probe_kinds)
@@ -78,6 +82,8 @@ class ReportConfig(ConfigMixin):
             raise ValueError(f"ReportConfig.patch_pairs={self.patch_pairs} must be in 1..pairs ({self.pairs})")
         if self.control_steps is not None and self.control_steps < 1:
             raise ValueError(f"ReportConfig.control_steps={self.control_steps} must be >= 1 (or None)")
+        if self.head_queries is not None and self.head_queries < 1:
+            raise ValueError(f"ReportConfig.head_queries={self.head_queries} must be >= 1 (or None: every query)")
         if self.train_pool < 0 or not self.lr > 0:
             raise ValueError("ReportConfig: need train_pool >= 0 and lr > 0")
 

@@ -150,7 +150,8 @@ def run_report(model: Any = "dust3r-toy", config: ReportConfig | None = None, ou
         reads.append("control")
     steps.run("evaluate", {**base, "batch": cfg.batch_size, "control": cfg.control},
               lambda: A.evaluate_step(model, pairs, cfg, out, progress), reads=reads, title=TITLES["evaluate"])
-    steps.run("heads", {**base, "batch": cfg.batch_size, "queries": cfg.overlay_queries, "examples": pairs.examples},
+    steps.run("heads", {**base, "batch": cfg.batch_size, "queries": cfg.overlay_queries, "examples": pairs.examples,
+                        **({"head_queries": cfg.head_queries} if cfg.head_queries is not None else {})},
               lambda: A.heads_step(model, pairs, cfg, out, progress, name), title=TITLES["heads"])
     steps.run("knockout", {**base, "k": cfg.knockout_k, "seed": cfg.seed, "batch": cfg.batch_size,
                            "points": cfg.max_points, "queries": cfg.overlay_queries, "examples": pairs.examples},
