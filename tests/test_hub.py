@@ -76,6 +76,23 @@ def test_mixin_layout_repo_of_every_family_loads_offline(family, offline_cache, 
     assert all(torch.equal(got[k], expected[k]) for k in got)
 
 
+def test_vggt_repo_loads_offline(offline_cache, tmp_path):
+    """VGGT through the same path: a repository as ``push_to_hub`` writes it (config.json with
+    ``mv_interp_family`` + model.safetensors; the upstream VGGT-1B config describes a 1B model only)."""
+    from mv_interp.adapters.vggt import HookedVGGT, VGGTConfig
+
+    torch.manual_seed(0)
+    tiny = mv_interp.MVModel(HookedVGGT(VGGTConfig(
+        img_size=28, embed_dim=32, depth=2, num_heads=2, dino_depth=1, dino_num_heads=2, camera_trunk_depth=1,
+        camera_num_heads=4, camera_num_iterations=2, dpt_features=16, dpt_out_channels=(8, 8, 16, 16),
+        dpt_layers=(0, 1, 1, 1))).eval())
+    tiny.save_pretrained(tmp_path / "saved")
+    add_repo(offline_cache, "facebook/vggt-tiny", {p.name: p for p in (tmp_path / "saved").iterdir()})
+    model = MVModel.from_pretrained("facebook/vggt-tiny")
+    assert model.module.family == "vggt"
+    _same_weights(model, tiny)
+
+
 def test_pth_repo_and_revisions(offline_cache):
     """An official .pth checkpoint repo; ``@rev`` / ``revision=`` pick a cached branch."""
     pth = FIXTURES / "dust3r" / "dust3r_tiny_linear.pth"
