@@ -53,6 +53,107 @@ def test_fast_report_writes_every_artefact(report):
     assert all(r["e2_aligned_v2"] is not None and r["e2_aligned_v2"] > 0 for r in rows if r["method"] == "mlp")
 
 
+def test_fast_report_is_honest_about_itself(report):
+    import re
+
+    html = (report / "report.html").read_text()
+    summary = json.loads((report / "summary.json").read_text())
+    # a smoke run says so, and no card is green
+    assert 'id="smoke-banner"' in html and "not meaningful" in html and "--probe-steps" in html
+    assert summary["smoke"] and not re.search(r'class="v good"', html)
+    facts = summary["facts"]
+    # the trend is computed from the site the card shows (decoder input), with its interval
+    t = facts["e2_aligned_v2_trend"]
+    assert t["from"] == "dec_in"
+    rows = json.loads((report / "probes" / "eval" / "metrics.json").read_text())["rows"]
+    at = {r["location"]: r["e2_aligned_v2"] for r in rows if r["method"] == "mlp"}
+    assert t["start"]["estimate"] == pytest.approx(at["dec_in"], abs=1e-6)
+    assert t["end"]["estimate"] == pytest.approx(at[t["to"]], abs=1e-6)
+    ch = t["change"]
+    assert ch["low"] <= ch["estimate"] <= ch["high"]
+    assert ch["estimate"] == pytest.approx(at[t["to"]] - at["dec_in"], abs=1e-6)
+    # "who fixes view 2" is the kind that fixes most, not the first listed
+    by_kind = {k: v["estimate"] for k, v in facts["by_kind"].items()}
+    assert facts["fixes_most"]["kind"] == min(by_kind, key=by_kind.get)
+    # intervals everywhere: per site (CSV and JSON), per head, per block and kind, the knockout
+    csv_rows = (report / "probes" / "eval" / "intervals.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("method,location,metric,estimate,low,high")
+    assert len(csv_rows) > len(at)
+    iv = json.loads((report / "probes" / "eval" / "intervals.json").read_text())
+    assert set(iv["contributions"]["mlp"]["by_kind"]) == {"self", "cross", "mlp"}
+    heads = json.loads((report / "heads" / "intervals.json").read_text())
+    best = heads["best_per_layer"][0]
+    assert best["recall_ci"]["low"] <= best["recall"]["16px"] <= best["recall_ci"]["high"]
+    ko = json.loads((report / "knockout" / "knockout.json").read_text())
+    assert "positive" in ko["specs"] and ko["positive"]["heads"]
+    assert set(ko["intervals"]["contrasts"]) >= {"registers_vs_random_tokens", "positive_vs_registers"}
+    # the paper side by side: every quantitative claim, judged or said why not
+    assert len(facts["paper"]) == 6 and 'id="paper"' in html
+    assert all(r["status"] in ("agree", "disagree", "inconclusive", "not measurable here", "not judged")
+               for r in facts["paper"])
+    assert 'class="ci"' in html or "class=ci" in html  # intervals rendered next to the numbers
+
+
+def test_header_shows_the_pairs_used():
+    from mv_interp.report.page import header_chips
+
+    ctx = {"model": {"name": "m"}, "config": {"pairs": 8}, "pairs_used": 3, "data": {"source": "capture"},
+           "environment": {}, "timings": {}}
+    assert "3 held-out pairs" in header_chips(ctx)
+
+
+def test_recorded_command_runs_when_pasted(report):
+    import shlex
+
+    summary = json.loads((report / "summary.json").read_text())
+    command = summary["command"]
+    assert command.startswith("mv-interp report ") and "--fast" in command
+    argv = shlex.split(command)
+    assert main(argv[1:] + ["--quiet"]) == 0  # every step is reused: the same run
+    again = json.loads((report / "summary.json").read_text())
+    assert all(s["reused"] for s in again["steps"].values())
+
+
+def test_plain_photos_need_no_ground_truth(tmp_path):
+    """Two image files and nothing else: the report runs what needs no ground truth and says
+    which sections need it."""
+    from PIL import Image
+
+    from mv_interp.data import SceneConfig, render_views
+    from mv_interp.images import to_image
+
+    views = render_views(1, SceneConfig(image_size=(128, 128)), seed=3)
+    paths = []
+    for v, view in enumerate(views, start=1):
+        paths.append(tmp_path / f"photo{v}.png")
+        Image.fromarray(to_image(view["img"][0])).save(paths[-1])
+    out = tmp_path / "out"
+    assert main(["report", "--fast", "--images", *map(str, paths), "--out", str(out), "--quiet"]) == 0
+    html = (out / "report.html").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["steps"]) == {"heads", "knockout", "patching", "views"}
+    assert html.count('class="needs-gt"') >= 3 and "1 photo pair(s), no ground truth" in html
+    assert (out / "views" / "viewer_easy_lens.json").is_file() and (out / "heads" / "scores.csv").is_file()
+    ko = json.loads((out / "knockout" / "knockout.json").read_text())
+    assert ko["summary"]["registers"]["output_moved"] > 0 and not ko["probed"]
+    assert any(r["status"] == "not measurable here" for r in summary["facts"]["paper"])
+    with pytest.raises(ValueError, match="pairs of images"):
+        run_report("dust3r-toy", FAST, tmp_path / "o2", images=paths[:1], progress=False, log=lambda s: None)
+
+
+def test_lens_4d_on_views_without_valid(tmp_path):
+    import torch
+
+    import mv_interp
+    from mv_interp.probes.views import write_4d
+
+    model = mv_interp.load_model("dust3r-toy")
+    H, W = model.module.config.img_size
+    views = [{"img": torch.rand(1, 3, H, W) * 2 - 1} for _ in range(2)]
+    files = write_4d(tmp_path, model, None, {"mine": views}, lens=True, rerun=False)
+    assert files["html"].is_file()
+
+
 def test_rerun_reuses_steps_and_force_recomputes_downstream(report):
     logs: list[str] = []
     run_report("dust3r-toy", FAST, report, progress=False, log=logs.append)
@@ -119,8 +220,18 @@ def test_report_renders_and_slider_moves_the_view(report):
         driver.get((report / "report.html").as_uri())
         n = driver.execute_script("return window.mvViewers.length")
         assert n >= 3  # easy and hard pair, knockout comparison (the lens viewers are folded away)
-        for sid in ("summary", "probes", "heads", "knockout", "patching", "run"):
+        for sid in ("summary", "paper", "probes", "heads", "knockout", "patching", "run"):
             assert driver.find_element(By.ID, sid).is_displayed()
+        # a fast run shows its banner; intervals are rendered beside the headline numbers and in the tables
+        banner = driver.find_element(By.ID, "smoke-banner")
+        assert banner.is_displayed() and "not meaningful" in banner.text
+        cards = driver.find_elements(By.CSS_SELECTOR, "#summary .stat")
+        assert any("[" in c.find_element(By.CSS_SELECTOR, ".v").text for c in cards)
+        assert not driver.find_elements(By.CSS_SELECTOR, "#summary .stat .v.good")
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#paper-table tbody tr")) == 6
+        assert "95 % interval" in driver.find_element(By.ID, "probe-table").text
+        cell = driver.find_element(By.CSS_SELECTOR, "table.heat td[title]")
+        assert "[" in cell.get_attribute("title")  # hover shows the value's interval
         from selenium.webdriver.support.ui import WebDriverWait
 
         figures = ("return Array.from(document.images).filter(i => i.closest('figure') && i.offsetParent)"

@@ -427,12 +427,15 @@ def _example_blocks(scores: HeadScores) -> list[tuple[str, tuple[str, int, int]]
 
 
 def save_example_figures(model: Any, views: Any, scores: HeadScores, out_dir: str | Path, n_queries: int = 4,
-                         sample: int = 0) -> dict[str, Path]:
+                         sample: int = 0, labels: Mapping[HeadRef, Sequence[str]] | None = None,
+                         queries: Sequence[int] | None = None) -> dict[str, Path]:
     """Figure-15-style overlays (every head of the best correspondence block, the strongest register
     block and the most local block) and the correspondence lines of the best head per layer, on
-    pair ``sample`` of ``views``. Returns ``{name: path}``."""
+    pair ``sample`` of ``views``. ``labels`` replaces the heads' titles (default: their labels);
+    ``queries`` fixes the query patches (default: ``n_queries`` spread over the matched patches).
+    Returns ``{name: path}``."""
     out = Path(out_dir)
-    labels = scores.labels()
+    labels = labels if labels is not None else scores.labels()
     paths: dict[str, Path] = {}
     _, pair = _one_pair(model, views, sample)
     p = _module(model).patch_size
@@ -440,9 +443,10 @@ def save_example_figures(model: Any, views: Any, scores: HeadScores, out_dir: st
         unit = scores.unit(site, qv, kv)
         refs = [HeadRef(site, qv, kv, h) for h in range(unit.site.n_heads)]
         t = _targets(pair, qv, kv, p)
-        queries = default_queries(unit.grid, n_queries, t.match[0] if t is not None else None)
+        chosen = [q for q in queries or () if q < unit.n_tokens]
+        queries_ = chosen or default_queries(unit.grid, n_queries, t.match[0] if t is not None else None)
         name = f"overlay_{label}_{site}_q{qv}k{kv}"
-        paths[name] = plot_attention_overlays(model, pair, refs, out / "overlays" / f"{name}.png", queries=queries,
+        paths[name] = plot_attention_overlays(model, pair, refs, out / "overlays" / f"{name}.png", queries=queries_,
                                               labels=labels)
     has_geometry = all(all(k in v for k in GEOMETRY_KEYS) for v in pair)
     if scores.best_per_layer() and has_geometry:

@@ -61,11 +61,13 @@ def _save(fig, path: str | os.PathLike) -> Path:
 
 
 def plot_curves(table: ProbeTable, path: str | os.PathLike, methods: Sequence[str] | None = None,
-                locations: Sequence[str] | None = None) -> Path:
+                locations: Sequence[str] | None = None, intervals: Sequence[Mapping[str, Any]] | None = None) -> Path:
     """Error vs site (PNG): view 1, view 2 and aligned view 2, one line per pointmap method.
 
     ``locations`` restricts (and orders) the x axis, e.g. only the sublayer outputs of a
-    ``sublayers=True`` run for the granularity ablation."""
+    ``sublayers=True`` run for the granularity ablation. ``intervals`` (rows ``{"method",
+    "location", "metric", "low", "high"}``, e.g. ``mv_interp.report.uncertainty.probe_intervals``'s
+    ``sites``) draws each curve's interval as a band. The legend sits below the panels."""
     plt = _pyplot()
     all_locs = table.locations
     locs = list(locations) if locations is not None else all_locs
@@ -81,24 +83,38 @@ def plot_curves(table: ProbeTable, path: str | os.PathLike, methods: Sequence[st
     fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(max(9, 0.28 * len(locs) * len(CURVE_PANELS)), 3.8),
                              sharex=True, layout="constrained")
     x = np.arange(len(locs))
+    bands = {(r["method"], r["location"], r["metric"]): (r.get("low"), r.get("high")) for r in intervals or ()}
     for ax, (col, title) in zip(np.atleast_1d(axes), CURVE_PANELS):
         for m in methods:
             y = series(m, col)
             if np.isfinite(y).any():
-                ax.plot(x, y, label=m, **_style(m))
+                line = ax.plot(x, y, label=m, **_style(m))[0]
+                if bands:
+                    lo, hi = (np.array([np.nan if v is None else v for v in b], dtype=float) for b in
+                              zip(*[bands.get((m, loc, col), (None, None)) for loc in locs]))
+                    ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.18, lw=0)
         ax.set_title(title, fontsize=10)
         ax.set_xticks(x)
         ax.set_xticklabels(locs, rotation=90, fontsize=7)
         ax.grid(alpha=0.3)
     np.atleast_1d(axes)[0].set_ylabel("error (GT-normalised units)")
-    np.atleast_1d(axes)[-1].legend(fontsize=8)
+    handles, labels = np.atleast_1d(axes)[0].get_legend_handles_labels()
+    if bands:
+        from matplotlib.patches import Patch
+
+        handles.append(Patch(color="0.6", alpha=0.35))
+        labels.append("95 % interval (bootstrap over pairs)")
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 5), fontsize=8, frameon=False)
     fig.suptitle(f"probe error across sites ({table.meta.get('n_pairs', '?')} held-out pairs)", fontsize=11)
     return _save(fig, path)
 
 
-def plot_contributions(table: ProbeTable, path: str | os.PathLike, methods: Sequence[str] | None = None) -> Path:
+def plot_contributions(table: ProbeTable, path: str | os.PathLike, methods: Sequence[str] | None = None,
+                       intervals: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
     """Figure 4 (PNG): per-block relative change of the aligned view-2 error across each skip
-    connection, and the per-kind totals relative to the decoder-input error; one row per method."""
+    connection, and the per-kind totals relative to the decoder-input error; one row per method.
+    ``intervals`` (per method, ``mv_interp.report.uncertainty.probe_intervals``'s
+    ``contributions``) adds each bar's interval as an error bar."""
     plt = _pyplot()
     methods = [m for m in (methods or list(table.contributions)) if m in table.contributions]
     if not methods:
@@ -110,23 +126,39 @@ def plot_contributions(table: ProbeTable, path: str | os.PathLike, methods: Sequ
         c = table.contributions[m]
         blocks = sorted({s.block for s in c.skips})
         width = 0.8 / len(SKIP_KINDS)
+        ci = (intervals or {}).get(m)
+
+        def err(ivs: Sequence[Mapping[str, Any] | None], est: Sequence[float]) -> np.ndarray | None:
+            if ci is None:
+                return None
+            lo = [100 * (e - iv["low"]) if iv and iv.get("low") is not None else np.nan for iv, e in zip(ivs, est)]
+            hi = [100 * (iv["high"] - e) if iv and iv.get("high") is not None else np.nan for iv, e in zip(ivs, est)]
+            return np.nan_to_num(np.array([lo, hi]), nan=0.0).clip(min=0)
+
         for k, kind in enumerate(SKIP_KINDS):
             vals = {s.block: s.rel_change for s in c.skips if s.kind == kind}
-            row[0].bar(np.arange(len(blocks)) + (k - 1) * width, [100 * vals.get(b, np.nan) for b in blocks], width,
-                       label=kind, color=KIND_COLORS[kind])
+            ivs = {s["block"]: s["rel_change"] for s in (ci or {}).get("skips", ()) if s["kind"] == kind}
+            est = [vals.get(b, np.nan) for b in blocks]
+            row[0].bar(np.arange(len(blocks)) + (k - 1) * width, [100 * v for v in est], width,
+                       label=kind, color=KIND_COLORS[kind], yerr=err([ivs.get(b) for b in blocks], est),
+                       error_kw={"elinewidth": 0.9, "capsize": 2, "ecolor": "0.25"})
         row[0].axhline(0, color="0.3", lw=0.8)
         row[0].set_xticks(np.arange(len(blocks)))
         row[0].set_xticklabels([f"block {b}" for b in blocks], fontsize=8)
         row[0].set_ylabel("relative change (%)")
         row[0].set_title(f"{m}: change of the aligned view-2 error across each skip connection", fontsize=10)
-        row[0].legend(fontsize=8)
+        row[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
         kinds = [k for k in SKIP_KINDS if k in c.by_kind]
-        totals = [100 * c.by_kind[k]["total_rel_to_input"] for k in kinds]
-        row[1].bar(kinds, totals, color=[KIND_COLORS[k] for k in kinds])
+        est = [c.by_kind[k]["total_rel_to_input"] for k in kinds]
+        totals = [100 * t for t in est]
+        kind_ci = [(ci or {}).get("by_kind", {}).get(k, {}).get("total_rel_to_input") for k in kinds]
+        row[1].bar(kinds, totals, color=[KIND_COLORS[k] for k in kinds], yerr=err(kind_ci, est),
+                   error_kw={"elinewidth": 0.9, "capsize": 3, "ecolor": "0.25"})
         row[1].axhline(0, color="0.3", lw=0.8)
         for i, t in enumerate(totals):
-            row[1].text(i, t, f"{t:+.0f}%", ha="center", va="bottom" if t >= 0 else "top", fontsize=8)
-        row[1].set_title("total, % of decoder-input error", fontsize=10)
+            row[1].annotate(f"{t:+.0f}%", (i, 0), xytext=(0, -10 if t >= 0 else 4), textcoords="offset points",
+                            ha="center", fontsize=8)
+        row[1].set_title("total, % of decoder-input error" + (" (95 % interval)" if ci else ""), fontsize=10)
     return _save(fig, path)
 
 
@@ -172,7 +204,7 @@ def probe_frames(model: Any, probes: ProbeSet | None, pair: Batch, kind: str = "
             raise ValueError(f"probe kind {kind!r} predicts depth; the 4D view needs a pointmap probe "
                              f"({[s.name for s in probes.specs if s.target == 'pointmap']})")
         out = probes(tokens, grid, [kind])[kind]
-    valid = [v["valid"] for v in pair]
+    valid = [view_valid(v) for v in pair]
     frames = []
     for loc in locations:
         pts = [out[s.name]["pts3d"] for s in loc.sites]
@@ -182,13 +214,24 @@ def probe_frames(model: Any, probes: ProbeSet | None, pair: Batch, kind: str = "
     return frames
 
 
-def page_inputs(pair: Batch) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+def page_inputs(pair: Batch) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray] | None]:
     """Images (uint8), valid masks and avg_dis-normalised ground truth of a one-pair batch: what
-    :func:`mv_interp.viz.viewer_data` and the rerun recording take besides the frames."""
+    :func:`mv_interp.viz.viewer_data` and the rerun recording take besides the frames. Views
+    without ``valid`` count as all valid; without ``pts3d`` the ground truth is ``None``."""
     images = [to_image(v["img"][0]) for v in pair]
-    valid = [v["valid"][0].cpu().numpy() for v in pair]
-    gt, _ = normalize_pointmaps([v["pts3d"] for v in pair], [v["valid"] for v in pair])
+    valid = [view_valid(v)[0].cpu().numpy() for v in pair]
+    if not all("pts3d" in v for v in pair):
+        return images, valid, None  # plain photos: no ground truth to overlay
+    gt, _ = normalize_pointmaps([v["pts3d"] for v in pair], [view_valid(v) for v in pair])
     return images, valid, [g[0].cpu().numpy() for g in gt]
+
+
+def view_valid(view: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """A view's ``valid`` mask ``[batch, H, W]``; a view without one (a plain photo) is all valid."""
+    if "valid" in view:
+        return view["valid"]
+    img = view["img"]
+    return torch.ones((img.shape[0],) + tuple(img.shape[-2:]), dtype=torch.bool, device=img.device)
 
 
 def write_4d(out_dir: str | os.PathLike, model: Any, probes: ProbeSet | None, pairs: Mapping[str, Batch],

@@ -4,6 +4,7 @@
     mv-interp report --checkpoint DUSt3R_ViTLarge_BaseDecoder_224_linear.pth --device cuda --out runs/dust3r
     mv-interp report --data my_capture/ --pairs 128    # a capture directory (docs/data.md)
     mv-interp report --fast --out /tmp/smoke           # a smoke run of every step (< 1 min on a CPU)
+    mv-interp report --images a.png b.png --out photos # two plain photos: what needs no ground truth
     mv-interp report --set knockout_k=3 --config my_report.json   # any ReportConfig field
 
 Every :class:`ReportConfig` field is an option (generated from the dataclass: its docstring is the
@@ -70,12 +71,41 @@ def _run(args: argparse.Namespace) -> int:
     force: bool | list[str] = False
     if args.force is not None:
         force = True if not args.force else list(args.force)
-    files = run_report(args.model, cfg, args.out, data=args.data, device=args.device, model_config=args.model_config,
-                       family=args.family, force=force, progress=not args.quiet,
-                       command="mv-interp " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if
-                       len(sys.argv) > 1 and sys.argv[1] == "report" else "mv-interp report")
+    files = run_report(args.model, cfg, args.out, data=args.data, images=args.images, probes=args.probes,
+                       device=args.device, model_config=args.model_config, family=args.family, force=force,
+                       progress=not args.quiet, command=command_line(args))
     print(f"open {files['html'].resolve().as_uri()}")
     return 0
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces this run, rebuilt from the parsed options (whatever way the
+    CLI was entered: the ``mv-interp`` script, ``python -m``, or ``main([...])``): every option
+    that differs from its default, with the subcommand, shell-quoted so it can be pasted back."""
+    parts = ["mv-interp", "report"]
+    for action in _ACTIONS:
+        if (not action.option_strings or action.dest in ("help", "quiet") or action.default == argparse.SUPPRESS
+                or action.help == argparse.SUPPRESS):
+            continue
+        value = getattr(args, action.dest, action.default)
+        if value == action.default:
+            continue
+        longs = [o for o in action.option_strings if o.startswith("--")] or action.option_strings
+        if isinstance(action, argparse.BooleanOptionalAction):  # --control / --no-control
+            parts.append(longs[0] if value else next(o for o in longs if o.startswith("--no-")))
+        elif isinstance(action, argparse._StoreTrueAction):
+            parts.append(longs[-1])
+        elif isinstance(action, argparse._AppendAction):  # --set a=1 --set b=2
+            for v in value:
+                parts += [longs[-1], str(v)]
+        elif isinstance(value, (list, tuple)):
+            parts += [longs[-1]] + [str(v) for v in value]
+        else:
+            parts += [longs[-1], str(value)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+_ACTIONS: list[argparse.Action] = []  # the report parser's options (set by register)
 
 
 def register(sub) -> None:
@@ -91,6 +121,12 @@ def register(sub) -> None:
                         "(default: --model's)")
     p.add_argument("--data", default=None,
                    help="capture directory (docs/data.md) (default: synthetic rooms, exact geometry)")
+    p.add_argument("--images", nargs="+", default=None, metavar="IMAGE",
+                   help="plain photos as pairs (a.png b.png [c.png d.png ...]), no depth or cameras: the report runs "
+                        "everything that needs no ground truth and says which sections need it (default: none)")
+    p.add_argument("--probes", default=None, metavar="DIR",
+                   help="with --images: a probe set trained on this model (e.g. a report's OUT/probes/model) to "
+                        "apply to the photos (default: none)")
     p.add_argument("--out", default="mv_interp_out", help="output folder (default: %(default)s)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="named ReportConfig the settings start from: " + "; ".join(
@@ -103,3 +139,4 @@ def register(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     opts = add_config_options(p, ReportConfig, presets=PRESETS, title="report settings (ReportConfig fields)")
     p.set_defaults(func=_run, report_options=opts)
+    _ACTIONS[:] = p._actions

@@ -38,6 +38,7 @@ from ..probes.data import batch_size_of as n_pairs
 from ..probes.data import slice_batch
 from ..probes.views import page_inputs
 from .config import ReportConfig
+from .uncertainty import head_intervals, paired_intervals, probe_intervals
 
 Batch = list[dict[str, Tensor]]
 PROBE_KIND = "mlp"  # the probe kind every view of the report shows
@@ -222,6 +223,34 @@ def prepare_pairs(model: Any, cfg: ReportConfig, data: str | os.PathLike | None 
     return Pairs(views, train, describe, stats, pick_examples(stats))
 
 
+def image_pairs(model: Any, images: Sequence[str | os.PathLike]) -> Pairs:
+    """Plain photos as pairs (``a b [c d …]``: consecutive files pair up), no ground truth: views
+    ``{"img"}`` at the model's input size (scaled to its long side, centre-cropped). The first
+    pair is the example shown everywhere (the second pair, if any, is the "hard" one)."""
+    from ..images import center_crop, load_images
+    from ..probes.probeset import unwrap
+
+    paths = [Path(p) for p in images]
+    if len(paths) < 2 or len(paths) % 2:
+        raise ValueError(f"--images: got {len(paths)} file(s); give pairs of images (a.png b.png [c.png d.png …])")
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"--images: no such file(s) {missing}")
+    module = unwrap(model)
+    H, W = tuple(module.config.img_size)
+    imgs = load_images(paths, size=max(H, W), square_ok=H == W, patch=module.patch_size)
+    h, w = min(H, imgs.shape[-2]), min(W, imgs.shape[-1])
+    imgs = center_crop(imgs, h, w).to(module.device)
+    views = [{"img": imgs[v::2].contiguous()} for v in range(2)]
+    n = len(paths) // 2
+    stats = [{"overlap": math.nan, "rotation_deg": math.nan, "index": i, "files": [paths[2 * i].name,
+                                                                                  paths[2 * i + 1].name]}
+             for i in range(n)]
+    describe = {"source": "images", "files": [str(p.resolve()) for p in paths],
+                "mtimes": [p.stat().st_mtime for p in paths], "size": [h, w]}
+    return Pairs(views, None, describe, stats, {"easy": 0, "hard": 1} if n > 1 else {"easy": 0})
+
+
 class _LazyPool:
     """A pool of synthetic training pairs rendered on first use (only when probes must train)."""
 
@@ -281,12 +310,25 @@ def train_step(model: Any, pairs: Pairs, tc: Any, directory: Path, key: str, pro
     probes = train_probes(model, tc, directory, data=data, progress=progress)
     (directory / CHECKPOINT).unlink(missing_ok=True)
     log = [json.loads(line) for line in (directory / LOG).read_text().splitlines() if line.strip()]
-    tail = log[-max(1, len(log) // 10):]
+    losses = [float(r["loss"]) for r in log]
+    tail = losses[-max(1, len(losses) // 10):]
     return {"steps": tc.steps, "batch_size": tc.batch_size, "sites": len(probes.sites),
             "locations": len(probes.locations), "kinds": probes.kinds,
-            "final_loss": float(np.mean([r["loss"] for r in tail])) if tail else math.nan,
-            "first_loss": log[0]["loss"] if log else math.nan,
-            "parameters": sum(p.numel() for p in probes.parameters())}
+            "final_loss": float(np.mean(tail)) if tail else math.nan,
+            "first_loss": losses[0] if losses else math.nan,
+            "tail_drop": tail_drop(losses), "parameters": sum(p.numel() for p in probes.parameters())}
+
+
+def tail_drop(losses: Sequence[float]) -> float:
+    """How much a training loss still fell over the last tenth of training, as a fraction of its
+    level there: the mean of the tenth's first third minus the mean of its last third, over the
+    former (0.1 = still falling by 10 %; ≤ 0 = flat or rising). NaN with fewer than 3 logged steps."""
+    tail = list(losses)[-max(3, len(losses) // 10):]
+    if len(tail) < 3:
+        return math.nan
+    k = max(1, len(tail) // 3)
+    first, last = float(np.mean(tail[:k])), float(np.mean(tail[-k:]))
+    return (first - last) / abs(first) if first else math.nan
 
 
 def _module(model: Any):
@@ -303,19 +345,29 @@ def _outputs(model: Any, views: Batch, batch_size: int) -> list[list[dict[str, T
             for s in range(0, n_pairs(views), batch_size)]
 
 
-def output_metrics(model: Any, views: Batch, batch_size: int,
-                   outputs: list[list[dict[str, Tensor]]] | None = None) -> dict[str, float]:
-    """The model's own output on the held-out pairs, scored like a probe (E.1, E.2, depth);
-    ``outputs`` (from :func:`_outputs`) saves the forward passes when they are already at hand."""
+def output_metrics_per_pair(model: Any, views: Batch, batch_size: int,
+                            outputs: list[list[dict[str, Tensor]]] | None = None) -> dict[str, np.ndarray]:
+    """The model's own output on the held-out pairs, scored like a probe (E.1, E.2, depth), one
+    value per pair; ``outputs`` (from :func:`_outputs`) saves the forward passes when at hand.
+    Pairs without ground truth give ``{}``."""
     from ..probes.evaluate import pointmap_metrics
 
+    if not all(k in v for v in views for k in ("pts3d", "valid")):
+        return {}
     outputs = outputs if outputs is not None else _outputs(model, views, batch_size)
     acc: dict[str, list[Tensor]] = {}
     for i, out in enumerate(outputs):
         b = slice_batch(views, i * batch_size, (i + 1) * batch_size)
         for k, v in pointmap_metrics(out, b).items():
             acc.setdefault(k, []).append(v.float().cpu())
-    return {k: float(torch.cat(v).nanmean()) for k, v in acc.items()}
+    return {k: torch.cat(v).double().numpy() for k, v in acc.items()}
+
+
+def output_metrics(model: Any, views: Batch, batch_size: int,
+                   outputs: list[list[dict[str, Tensor]]] | None = None) -> dict[str, float]:
+    """The means over pairs of :func:`output_metrics_per_pair`."""
+    per = output_metrics_per_pair(model, views, batch_size, outputs)
+    return {k: float(np.nanmean(v)) if np.isfinite(v).any() else math.nan for k, v in per.items()}
 
 
 def evaluate_step(model: Any, pairs: Pairs, cfg: ReportConfig, out: Path, progress: bool) -> tuple[list, dict]:
@@ -330,14 +382,20 @@ def evaluate_step(model: Any, pairs: Pairs, cfg: ReportConfig, out: Path, progre
                             progress=progress)
     d = out / "probes" / "eval"
     files = list(table.write(d).values())
-    files.append(plot_curves(table, d / "curves.png"))
+    ivs = probe_intervals(table.rows, table.per_pair, table.contributions, replicates=cfg.bootstrap, seed=cfg.seed)
+    files.append(write_json(d / "intervals.json", ivs))
+    files.append(write_csv(d / "intervals.csv", ivs["sites"], INTERVAL_COLUMNS))
+    files.append(plot_curves(table, d / "curves.png", intervals=ivs["sites"]))
     if table.contributions:
-        files.append(plot_contributions(table, d / "contributions.png"))
+        files.append(plot_contributions(table, d / "contributions.png", intervals=ivs["contributions"]))
     model_out = output_metrics(model, pairs.views, cfg.batch_size)
     files.append(write_json(d / "model_output.json", model_out))
     info = {"locations": table.locations, "methods": table.methods, "model_output": model_out,
             "n_pairs": table.meta.get("n_pairs")}
     return files, info
+
+
+INTERVAL_COLUMNS = ("method", "location", "metric", "estimate", "low", "high", "level", "n", "replicates")
 
 
 # --------------------------------------------------------------------------------------
@@ -347,20 +405,142 @@ def evaluate_step(model: Any, pairs: Pairs, cfg: ReportConfig, out: Path, progre
 
 def heads_step(model: Any, pairs: Pairs, cfg: ReportConfig, out: Path, progress: bool,
                name: str = "") -> tuple[list, dict]:
-    from ..heads import LABELS, ScoreConfig, save_example_figures, score_heads
+    from ..heads import LABELS, ScoreConfig, save_example_figures
 
     d = out / "heads"
-    scores = score_heads(model, pairs.views, batch_size=cfg.batch_size, progress=progress,
-                         config=ScoreConfig(max_queries=cfg.head_queries))
+    scores, per_pair = score_heads_per_pair(model, pairs.views, ScoreConfig(max_queries=cfg.head_queries), progress)
     scores.model_name = name or scores.model_name
     paths = scores.save(d)
-    paths.update(save_example_figures(model, pairs.pair("easy"), scores, d, n_queries=cfg.overlay_queries))
+    paths.update(save_example_figures(model, pairs.pair("easy"), scores, d, n_queries=cfg.overlay_queries,
+                                      labels=head_evidence_labels(scores), queries=cfg.query_patches))
     labels = scores.labels()
     counts = {lab: sum(lab in v for v in labels.values()) for lab in LABELS}
+    arrays = {f"{'|'.join(map(str, k))}/{stat}": v for k, ss in per_pair.items() for stat, v in ss.items()}
+    paths["per_pair"] = atomic_write(d / "per_pair.npz", lambda p: _savez(p, arrays))
+    units = [unit_row(u) for u in scores.units]
+    t_index = list(scores.thresholds_px).index(scores.primary_px)
+    ivs = head_intervals(per_pair, units, scores.thresholds.to_dict(), t_index, replicates=cfg.bootstrap,
+                         seed=cfg.seed)
+    ivs["best_per_layer"] = best_head_intervals(scores, per_pair, t_index, cfg)
+    if ivs["best_per_layer"]:
+        paths["curve_ci"] = plot_correspondence_ci(ivs["best_per_layer"], scores.primary_px,
+                                                   d / "correspondence_curve_ci.png")
+    paths["intervals"] = write_json(d / "intervals.json", ivs)
+    paths["intervals_csv"] = write_csv(d / "intervals.csv", ivs["heads"], HEAD_INTERVAL_COLUMNS)
     info = {"counts": counts, "n_heads": len(labels), "primary_px": scores.primary_px,
             "best_per_layer": [b.to_dict() for b in scores.best_per_layer()],
-            "register_heads": len(scores.register_heads())}
+            "register_heads": len(scores.register_heads()), "n_pairs": scores.n_pairs,
+            "n_pairs_with_geometry": scores.n_pairs_with_geometry}
     return list(paths.values()), info
+
+
+HEAD_INTERVAL_COLUMNS = ("site", "query_view", "key_view", "head", "score", "estimate", "low", "high", "level", "n")
+
+
+def _savez(path: Any, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as f:
+        np.savez_compressed(f, **arrays)
+
+
+def unit_row(u: Any) -> dict[str, Any]:
+    """A scored block as the plain dict :func:`~mv_interp.report.uncertainty.head_intervals` reads."""
+    return {"key": u.key, "site": u.site.name, "query_view": u.query_view, "key_view": u.key_view,
+            "layer": u.site.layer, "stack": u.site.stack, "kind": u.site.kind, "same_view": u.same_view,
+            "n_heads": u.site.n_heads}
+
+
+def score_heads_per_pair(model: Any, views: Batch, config: Any = None, progress: bool = False) -> tuple[Any, dict]:
+    """:func:`mv_interp.heads.score_heads` on ``views``, one pair per update, keeping each pair's
+    sums (the statistics are sums, so the scores are the same as a batched run's); returns the
+    scores and ``{unit key: {stat: [pairs, ...]}}`` for the intervals."""
+    from ..heads import HeadScorer
+
+    from .uncertainty import HEAD_SUMS
+
+    scorer = HeadScorer(model, config)
+    per: dict[tuple, dict[str, list[np.ndarray]]] = {}
+    for i in _tqdm(range(n_pairs(views)), progress, desc="scoring heads", unit="pair"):
+        before = {k: {s: t.clone() for s, t in v.items() if s in HEAD_SUMS} for k, v in scorer.sums.items()}
+        scorer.update(slice_batch(views, i, i + 1))
+        for key, sums in scorer.sums.items():
+            for stat, t in sums.items():
+                if stat in HEAD_SUMS:
+                    prev = before.get(key, {}).get(stat)
+                    delta = t - prev if prev is not None else t
+                    per.setdefault(key, {}).setdefault(stat, []).append(delta.detach().double().cpu().numpy())
+    return scorer.result(), {k: {s: np.stack(v) for s, v in ss.items()} for k, ss in per.items()}
+
+
+def plot_correspondence_ci(best: list[dict[str, Any]], px: float, path: Path) -> Path:
+    """Figure 5 with intervals: the best head's recall per layer (95 % band) against the
+    same-position and uniform baselines, one panel per block group; legends below the data."""
+    from ..probes.views import _pyplot, _save
+
+    plt = _pyplot()
+    key = f"{px:g}px"
+    groups: dict[tuple, list[dict]] = {}
+    for b in best:
+        groups.setdefault((b["stack"], b["kind"], b["query_view"], b["key_view"]), []).append(b)
+    fig, axes = plt.subplots(1, len(groups), figsize=(max(5.5, 4.6 * len(groups)), 3.6), squeeze=False,
+                             layout="constrained")
+    for ax, ((stack, kind, qv, kv), bs) in zip(axes[0], groups.items()):
+        bs = sorted(bs, key=lambda b: b["layer"])
+        x = [b["layer"] for b in bs]
+        rec = [100 * b["recall"][key] for b in bs]
+        lo = [100 * (b["recall_ci"]["low"] if b["recall_ci"]["low"] is not None else math.nan) for b in bs]
+        hi = [100 * (b["recall_ci"]["high"] if b["recall_ci"]["high"] is not None else math.nan) for b in bs]
+        ax.plot(x, rec, "o-", color="#2c8a4b", lw=2, label=f"best head, recall@{key}")
+        ax.fill_between(x, lo, hi, color="#2c8a4b", alpha=0.2, lw=0, label="95 % interval")
+        ax.plot(x, [100 * b["same_position"][key] for b in bs], "--", color="0.35", label="same grid position")
+        ax.plot(x, [100 * b["chance"][key] for b in bs], ":", color="0.35", label="uniform attention")
+        for xi, b, r in zip(x, bs, rec):
+            ax.annotate(f"h{b['head']}", (xi, r), xytext=(0, 6), textcoords="offset points", ha="center", fontsize=7)
+        ax.set_xticks(x)
+        ax.set_xlabel(f"{stack} block")
+        ax.set_ylim(0, 105)
+        ax.set_title(f"{stack} {kind} · queries v{qv} → keys v{kv}", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("correct correspondences (%)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=4, fontsize=8, frameon=False)
+    return _save(fig, path)
+
+
+def best_head_intervals(scores: Any, per_pair: dict, t_index: int, cfg: ReportConfig) -> list[dict[str, Any]]:
+    """The best head of each layer (Figure 5) with intervals of its recall and of its margins over
+    the uniform and same-position baselines, and, per block group, the change of the best recall
+    from the first layer to the sixth (or last) — the paper's "40 % at the decoder input to over 60 %
+    after six blocks"."""
+    from .. import stats
+
+    out = []
+    for b in scores.best_per_layer():
+        S = per_pair.get((b.site, b.query_view, b.key_view), {})
+        if "corr_hits" not in S:
+            continue
+        w = stats.resample_weights(S["corr_rows"].shape[0], cfg.bootstrap, cfg.seed)
+        rows, hits = S["corr_rows"], S["corr_hits"][:, b.head, t_index]
+        d = b.to_dict()
+        d["recall_ci"] = stats.ratio_interval(hits, rows, weights=w).to_dict()
+        d["vs_same_position"] = stats.ratio_interval(hits - S["corr_same_pos"][:, t_index], rows, weights=w).to_dict()
+        d["vs_uniform"] = stats.ratio_interval(hits - S["corr_chance"][:, t_index], rows, weights=w).to_dict()
+        d["_hits"] = hits
+        out.append(d)
+    groups: dict[tuple, list[dict]] = {}
+    for d in out:
+        groups.setdefault((d["stack"], d["kind"], d["query_view"], d["key_view"]), []).append(d)
+    for g in groups.values():
+        g.sort(key=lambda d: d["layer"])
+        first, end = g[0], g[min(5, len(g) - 1)]
+        rows = per_pair[(first["site"], first["query_view"], first["key_view"])]["corr_rows"]
+        w = stats.resample_weights(rows.shape[0], cfg.bootstrap, cfg.seed)
+        change = stats.ratio_interval(end["_hits"] - first["_hits"], rows, weights=w).to_dict()
+        for d in g:
+            d["group_change"] = {"from_layer": first["layer"], "to_layer": end["layer"], "change": change,
+                                 "layers": len(g)}
+    for d in out:
+        d.pop("_hits")
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -412,18 +592,67 @@ def _control_tokens(scores: Any, unit: Any, heads: Sequence[int], k: int, seed: 
     return sorted(pool[i] for i in pick)
 
 
-def _knockout_specs(scores: Any, unit: Any, heads: list[int], cfg: ReportConfig) -> dict[str, Any]:
+def positive_control_heads(scores: Any, unit: Any, n: int) -> tuple[Any, list[int], str] | None:
+    """The positive control of the register knockout: ``n`` heads (as many as were knocked out)
+    with the highest correspondence recall, in the cross-view block of the same query view that
+    holds the strongest one — of the knocked block's kind where that kind has cross-view blocks
+    (a global attention), else of the cross-attention. Without correspondence scores (plain
+    photos): the first ``n`` heads of the same layer's cross-view block. ``None`` if the model has
+    no cross-view attention."""
+    from ..heads.result import px_label
+
+    cross = [u for u in scores.units if not u.same_view and u.query_view == unit.query_view]
+    if not cross:
+        return None
+    scored = [u for u in cross if float(scores.metrics(u)["corr_n"][0]) > 0]
+    col = f"corr_recall@{px_label(scores.primary_px)}"
+    if scored:
+        pool = [u for u in scored if u.site.kind == unit.site.kind] or scored
+        best = max(pool, key=lambda u: float(scores.metrics(u)[col].nan_to_num(-1).max()))
+        rec = scores.metrics(best)[col].nan_to_num(-1)
+        heads = sorted(int(h) for h in rec.argsort(descending=True)[:n])
+        return best, heads, (f"the {len(heads)} head(s) with the highest correspondence recall, in the block holding "
+                             "the strongest correspondence head")
+    same = [u for u in cross if u.site.layer == unit.site.layer] or cross
+    u = same[0]
+    heads = list(range(min(n, u.site.n_heads)))
+    return u, heads, (f"no correspondence scores without ground truth: the first {len(heads)} head(s) of the same "
+                      "block's cross-view attention")
+
+
+def _knockout_specs(scores: Any, unit: Any, heads: list[int], cfg: ReportConfig) -> tuple[dict[str, Any], dict]:
     from ..interventions import AttentionKnockout, Tokens
 
-    common = dict(layers=unit.site.layer, kind="self", stack="dec", view=unit.query_view,
+    common = dict(layers=unit.site.layer, kind=unit.site.kind, stack=unit.site.stack, view=unit.query_view,
                   key_view=unit.key_view if unit.site.layout == "global" else None, heads=heads,
                   queries="others", mode="post")
     tokens = _control_tokens(scores, unit, heads, cfg.knockout_k, cfg.seed)
-    return {"registers": AttentionKnockout(keys=Tokens.top_attended(cfg.knockout_k), **common),
-            "random_tokens": AttentionKnockout(keys=Tokens.at(*tokens), **common)}
+    specs = {"registers": AttentionKnockout(keys=Tokens.top_attended(cfg.knockout_k), **common),
+             "random_tokens": AttentionKnockout(keys=Tokens.at(*tokens), **common)}
+    positive = positive_control_heads(scores, unit, len(heads))
+    about: dict[str, Any] = {}
+    if positive is not None:
+        pu, ph, rule = positive
+        specs["positive"] = AttentionKnockout(layers=pu.site.layer, kind=pu.site.kind, stack=pu.site.stack,
+                                              view=pu.query_view,
+                                              key_view=pu.key_view if pu.site.layout == "global" else None,
+                                              heads=ph, queries="all", keys="all", mode="post")
+        about = {"site": pu.site.name, "layer": pu.site.layer, "query_view": pu.query_view, "key_view": pu.key_view,
+                 "heads": ph, "rule": rule}
+    return specs, about
 
 
-def knockout_step(model: Any, pairs: Pairs, cfg: ReportConfig, out: Path, progress: bool) -> tuple[list, dict]:
+#: The knockout's variants, in the order the page shows them.
+VARIANTS = {"clean": "clean", "registers": "register tokens knocked out",
+            "random_tokens": "random tokens knocked out (control)",
+            "positive": "correspondence heads knocked out (positive control)"}
+
+
+def knockout_step(model: Any, pairs: Pairs, cfg: ReportConfig, out: Path, progress: bool,
+                  probes_dir: Path | None = None) -> tuple[list, dict]:
+    """The register knockout with its random-token control and its positive control, each
+    measured by the probes at every site (when there are probes and ground truth), by the model's
+    own output errors (with ground truth) and by how far the model's output moves (always)."""
     from ..heads import HeadRef, HeadScores, plot_attention_overlays
     from ..heads.figures import default_queries
     from ..interventions import scale_invariant_pointmap_distance
@@ -431,58 +660,83 @@ def knockout_step(model: Any, pairs: Pairs, cfg: ReportConfig, out: Path, progre
 
     module = _module(model)
     d = out / "knockout"
-    probes = ProbeSet.load(out / "probes" / "model", device=module.device)
-    clean = ProbeTable.load(out / "probes" / "eval")
+    synthetic = pairs.describe.get("source") != "images"
+    probes_dir = out / "probes" / "model" if probes_dir is None and synthetic else probes_dir
+    probes = ProbeSet.load(probes_dir, device=module.device) if probes_dir is not None else None
+    clean = ProbeTable.load(out / "probes" / "eval") if synthetic else None
     scores = HeadScores.load(out / "heads")
-    unit, why = knockout_target(clean.contributions.get(PROBE_KIND), scores)
+    unit, why = knockout_target(clean.contributions.get(PROBE_KIND) if clean is not None else None, scores)
     heads, head_rule = knockout_heads(scores, unit)
-    specs = _knockout_specs(scores, unit, heads, cfg)
+    specs, positive = _knockout_specs(scores, unit, heads, cfg)
     files = [specs[name].save(d / f"{name}.json") for name in specs]
 
-    tables = {"clean": clean}
-    # the clean output was scored by the evaluate step; one forward per batch and variant gives both
-    # the knocked-out output's metrics and its distance to the clean output
-    outputs = {"clean": json.loads((out / "probes" / "eval" / "model_output.json").read_text())}
-    moved = {}
+    has_gt = all(k in v for v in pairs.views for k in ("pts3d", "valid"))
+    tables = {"clean": clean} if clean is not None and has_gt else {}
     ref = _outputs(model, pairs.views, cfg.batch_size)
+    per_pair = {"clean": output_metrics_per_pair(model, pairs.views, cfg.batch_size, outputs=ref)}
+    moved = {"clean": np.zeros(n_pairs(pairs.views))}
     for name, spec in _tqdm(specs.items(), progress, desc="knockout", unit="variant"):
         with module.hooks(spec.fwd_hooks(module, n_views=len(pairs.views))):
-            tables[name] = evaluate_probes(model, probes, pairs.views, lens=False, batch_size=cfg.batch_size)
+            if tables and name != "positive":  # the positive control is read off the output alone
+                tables[name] = evaluate_probes(model, probes, pairs.views, lens=False, batch_size=cfg.batch_size)
             knocked = _outputs(model, pairs.views, cfg.batch_size)
-        outputs[name] = output_metrics(model, pairs.views, cfg.batch_size, outputs=knocked)
-        moved[name] = float(torch.cat([scale_invariant_pointmap_distance(o, r).cpu()
-                                       for o, r in zip(knocked, ref)]).mean())
+        per_pair[name] = output_metrics_per_pair(model, pairs.views, cfg.batch_size, outputs=knocked)
+        moved[name] = torch.cat([scale_invariant_pointmap_distance(o, r).cpu()
+                                 for o, r in zip(knocked, ref)]).double().numpy()
+    outputs = {name: {k: float(np.nanmean(v)) for k, v in m.items()} for name, m in per_pair.items()}
 
-    metrics = ("e1_v2", "e2_aligned_v2", "e1_v1")
+    metrics = ("e2_aligned_v2", "e1_v2", "e1_v1")
     rows = []
-    for loc in clean.locations:
-        row: dict[str, Any] = {"location": loc}
-        for m in metrics:
-            for name, t in tables.items():
-                row[f"{m}_{name}"] = t.value(PROBE_KIND, loc, m)
-        rows.append(row)
+    if tables:
+        for loc in clean.locations:
+            row: dict[str, Any] = {"location": loc}
+            for m in metrics:
+                for name, t in tables.items():
+                    row[f"{m}_{name}"] = t.value(PROBE_KIND, loc, m)
+            rows.append(row)
     out_row: dict[str, Any] = {"location": "model output"}
     for m in metrics:
-        for name in tables:
+        for name in per_pair:
             out_row[f"{m}_{name}"] = outputs[name].get(m, math.nan)
+    for name in moved:
+        out_row[f"moved_{name}"] = float(moved[name].mean())
     rows.append(out_row)
     files.append(write_csv(d / "knockout.csv", rows))
-    files.append(_plot_knockout(rows, clean.locations, unit, heads, d / "knockout.png"))
+    if tables:
+        files.append(_plot_knockout(rows, clean.locations, unit, heads, d / "knockout.png"))
+
+    intervals = {"moved": paired_intervals(moved, "clean", replicates=cfg.bootstrap, seed=cfg.seed)}
+    if per_pair["clean"]:
+        intervals["e2_aligned_v2"] = paired_intervals({n: m["e2_aligned_v2"] for n, m in per_pair.items()}, "clean",
+                                                      replicates=cfg.bootstrap, seed=cfg.seed)
+    measures = {"moved": moved}
+    if per_pair["clean"]:
+        measures["e2_aligned_v2"] = {n: m["e2_aligned_v2"] for n, m in per_pair.items()}
+    intervals["contrasts"] = {
+        f"{a}_vs_{b}": {k: _paired(series[a], series[b], cfg) for k, series in measures.items()}
+        for a, b in (("registers", "random_tokens"), ("positive", "registers"), ("positive", "random_tokens"))
+        if a in moved and b in moved}
 
     # the heads' attention on the easy pair (Figure 15 style): registers light up whatever the query
     easy = pairs.pair("easy")
+    labels = head_evidence_labels(scores)
     refs = [HeadRef(unit.site.name, unit.query_view, unit.key_view, h) for h in heads]
-    queries = default_queries(unit.grid, cfg.overlay_queries)
-    files.append(plot_attention_overlays(model, easy, refs, d / "knocked_heads.png", queries=queries,
-                                         labels=scores.labels()))
+    queries = list(cfg.query_patches) if cfg.query_patches else default_queries(unit.grid, cfg.overlay_queries)
+    queries = [q for q in queries if q < unit.n_tokens] or default_queries(unit.grid, cfg.overlay_queries)
+    files.append(plot_attention_overlays(model, easy, refs, d / "knocked_heads.png", queries=queries, labels=labels))
+    if positive:
+        prefs = [HeadRef(positive["site"], positive["query_view"], positive["key_view"], h) for h in positive["heads"]]
+        files.append(plot_attention_overlays(model, easy, prefs, d / "positive_heads.png", queries=queries,
+                                             labels=labels))
 
-    # 4D comparison on the hard pair: clean and knocked-out probes, site by site from the knocked block on
-    label = "hard"
+    # 4D comparison on the hard pair: clean and knocked-out probes (or lens), from the knocked block on
+    label = "hard" if "hard" in pairs.examples else "easy"
     pair = pairs.pair(label)
-    frames_clean = probe_frames(model, probes, pair, kind=PROBE_KIND)
+    kw = {"kind": PROBE_KIND} if probes is not None else {"lens": True}
+    frames_clean = probe_frames(model, probes, pair, **kw)
     with module.hooks(specs["registers"].fwd_hooks(module, n_views=len(pair))):
-        frames_ko = probe_frames(model, probes, pair, kind=PROBE_KIND)
-    start = next((i for i, f in enumerate(frames_clean) if _location_layer(clean, f.label) >= unit.site.layer), 0)
+        frames_ko = probe_frames(model, probes, pair, **kw)
+    start = next((i for i, f in enumerate(frames_clean) if _frame_layer(f.label) >= unit.site.layer), 0)
     from ..viz import Frame, viewer_data
 
     frames = []
@@ -493,21 +747,59 @@ def knockout_step(model: Any, pairs: Pairs, cfg: ReportConfig, out: Path, progre
                        max_points=cfg.max_points)
     files.append(write_json(d / "viewer_compare.json", data))
 
-    summary = {name: {"model_output": outputs[name], "output_moved": moved.get(name, 0.0)} for name in outputs}
+    summary = {name: {"model_output": outputs.get(name, {}), "output_moved": float(moved[name].mean())}
+               for name in moved}
     info = {"site": unit.site.name, "pattern_hook": unit.site.pattern_hook, "layer": unit.site.layer,
             "query_view": unit.query_view, "heads": heads, "head_rule": head_rule, "n_heads": unit.site.n_heads,
             "k": cfg.knockout_k, "why": why, "specs": {n: s.to_dict() for n, s in specs.items()},
             "summary": summary, "register_tokens": {h: list(scores.register_tokens(unit, h)[0]) for h in heads},
-            "n_tokens": unit.n_tokens, "example": label}
+            "n_tokens": unit.n_tokens, "example": label, "positive": positive, "intervals": intervals,
+            "probed": bool(tables), "n_pairs": n_pairs(pairs.views), "queries": queries}
     files.append(write_json(d / "knockout.json", {"rows": rows, **info}))
     return files, info
 
 
-def _location_layer(table: Any, location: str) -> int:
-    for r in table.rows:
-        if r["location"] == location:
-            return int(r["layer"]) if r["stack"] == "dec" else -2
-    return -2
+def _paired(a: np.ndarray, b: np.ndarray, cfg: ReportConfig) -> dict[str, Any]:
+    from .. import stats
+
+    return stats.paired_difference(a, b, replicates=cfg.bootstrap, seed=cfg.seed).to_dict()
+
+
+def head_evidence_labels(scores: Any) -> dict[Any, tuple[str, ...]]:
+    """Each head's labels with the score behind them and the baseline it beat, for figure titles:
+    ``correspondence: recall 83% (same pos. 53%)``, ``register: lift 0.71 (≥ 0.5)``."""
+    from ..heads import HeadRef
+    from ..heads.result import px_label
+
+    t0 = px_label(scores.primary_px)
+    th = scores.thresholds
+    out = {}
+    for u in scores.units:
+        m = scores.metrics(u)
+        for h in range(u.site.n_heads):
+            ref = HeadRef(u.site.name, u.query_view, u.key_view, h)
+            parts = []
+            for lab in scores._labels(u, m, h):
+                if lab == "correspondence":
+                    parts.append(f"corr. recall {100 * float(m[f'corr_recall@{t0}'][h]):.0f}% (same pos. "
+                                 f"{100 * float(m[f'corr_same_pos@{t0}'][h]):.0f}%, uniform "
+                                 f"{100 * float(m[f'corr_chance@{t0}'][h]):.0f}%)")
+                elif lab == "register":
+                    parts.append(f"register lift {float(m['register_lift'][h]):.2f} (≥ {th.register_lift:g})")
+                elif lab == "local":
+                    parts.append(f"local lift {float(m['local_lift'][h]):.2f} (≥ {th.local_lift:g})")
+                else:
+                    parts.append(f"other (register lift {float(m['register_lift'][h]):.2f})")
+            out[ref] = tuple(parts)
+    return out
+
+
+def _frame_layer(label: str) -> int:
+    """The decoder block of a location name (``dec3.cross`` → 3; encoder / decoder input → −2)."""
+    import re
+
+    m = re.match(r"dec(\d+)", label)
+    return int(m.group(1)) if m else -2
 
 
 def _plot_knockout(rows: list[dict], locations: list[str], unit: Any, heads: list[int], path: Path) -> Path:
@@ -518,17 +810,21 @@ def _plot_knockout(rows: list[dict], locations: list[str], unit: Any, heads: lis
     x = np.arange(len(locations))
     styles = {"clean": dict(color="#333333", marker="o", lw=2, label="clean"),
               "registers": dict(color="#d62728", marker="s", lw=1.5, label="register tokens knocked out"),
-              "random_tokens": dict(color="#1f77b4", marker="^", lw=1, ls="--", label="random tokens (control)")}
+              "random_tokens": dict(color="#1f77b4", marker="^", lw=1, ls="--", label="random tokens (control)"),
+              "positive": dict(color="#9467bd", marker="v", lw=1, ls=":",
+                               label="correspondence heads knocked out (positive control)")}
     for ax, (m, title) in zip(axes, (("e2_aligned_v2", "aligned view-2 error (E.2)"),
                                      ("e1_v2", "view-2 error in view 1's frame (E.1)"))):
         for name, st in styles.items():
-            ax.plot(x, [r[f"{m}_{name}"] for r in rows[: len(locations)]], **st)
+            if f"{m}_{name}" in rows[0]:
+                ax.plot(x, [r[f"{m}_{name}"] for r in rows[: len(locations)]], **st)
         ax.set_xticks(x)
         ax.set_xticklabels(locations, rotation=90, fontsize=7)
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("probe error (GT-normalised units)")
-    axes[1].legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=8, frameon=False)
     fig.suptitle(f"knockout of {unit.site.name} heads {heads}: probed errors at every site", fontsize=11)
     return _save(fig, path)
 
@@ -543,11 +839,15 @@ def patching_step(model: Any, pairs: Pairs, cfg: ReportConfig, out: Path, progre
 
     module = _module(model)
     n = n_pairs(pairs.views)
-    idx = list(range(cfg.patch_pairs))
+    idx = list(range(min(cfg.patch_pairs, n)))
     other = [(i + 1) % n for i in idx]  # corrupted view 2: the next pair's view 2 (another scene)
     v = pairs.views
     clean = tuple(view["img"][idx] for view in v)
-    corrupted = (v[0]["img"][idx],) + tuple(view["img"][other] for view in v[1:])
+    if n > 1:
+        corrupted = (v[0]["img"][idx],) + tuple(view["img"][other] for view in v[1:])
+    else:  # one pair (plain photos): view 2 mirrored left-right, the same content in the wrong places
+        other = ["mirrored"]
+        corrupted = (v[0]["img"][idx],) + tuple(view["img"][idx].flip(-1) for view in v[1:])
     with torch.no_grad():
         clean_out = module.view_outputs(module(*clean))
     files, info = [], {"pairs": idx, "corrupted_view2_from": other, "sweeps": {}}
@@ -581,32 +881,41 @@ def patching_step(model: Any, pairs: Pairs, cfg: ReportConfig, out: Path, progre
 # --------------------------------------------------------------------------------------
 
 
-def views_step(model: Any, pairs: Pairs, cfg: ReportConfig, out: Path, progress: bool) -> tuple[list, dict]:
+def views_step(model: Any, pairs: Pairs, cfg: ReportConfig, out: Path, progress: bool,
+               probes_dir: Path | None = None) -> tuple[list, dict]:
+    """The 4D views of the example pairs: probes (from ``probes_dir``; default the report's own)
+    and the pointmap lens, as viewer data and rerun recordings. Without probes (plain photos and
+    no ``--probes``) the lens alone."""
     from PIL import Image
 
     from ..probes import ProbeSet, probe_frames
     from ..viz import rerun_available, viewer_data, write_rerun_recording
 
     module = _module(model)
-    probes = ProbeSet.load(out / "probes" / "model", device=module.device)
+    if probes_dir is None and pairs.describe.get("source") != "images":
+        probes_dir = out / "probes" / "model"
+    probes = ProbeSet.load(probes_dir, device=module.device) if probes_dir is not None else None
     rerun = rerun_available()  # the .rrd sidecars need the optional extra; the page's viewers do not
     d = out / "views"
     files, info = [], {}
-    for label in _tqdm(list(pairs.examples), progress, desc="4D views", unit="pair"):
+    for label in _tqdm(list(dict.fromkeys(pairs.examples)), progress, desc="4D views", unit="pair"):
         pair = pairs.pair(label)
         images, valid, gt = page_inputs(pair)
         for v, img in enumerate(images, start=1):
             files.append(atomic_write(d / f"pair_{label}_view{v}.png",
                                       lambda p, img=img: Image.fromarray(img).save(p, format="PNG")))
-        methods = {PROBE_KIND: probe_frames(model, probes, pair, kind=PROBE_KIND),
-                   "lens": probe_frames(model, probes, pair, lens=True)}
+        methods = {}
+        if probes is not None:
+            methods[PROBE_KIND] = probe_frames(model, probes, pair, kind=PROBE_KIND)
+        methods["lens"] = probe_frames(model, probes, pair, lens=True)
         for method, frames in methods.items():
             title = f"{label} pair · {'probes' if method == PROBE_KIND else 'pointmap lens'}"
             data = viewer_data(frames, images, valid, gt, title=title, max_points=cfg.max_points)
             files.append(write_json(d / f"viewer_{label}_{method}.json", data))
         if rerun:
-            files.append(write_rerun_recording(d / f"pair_{label}.rrd", methods[PROBE_KIND], images, valid, gt,
-                                               app_id=f"mv_interp_report_{label}"))
+            files.append(write_rerun_recording(d / f"pair_{label}.rrd", next(iter(methods.values())), images, valid,
+                                               gt, app_id=f"mv_interp_report_{label}"))
         info[label] = dict(pairs.stats[pairs.examples[label]])
+        info[label]["methods"] = list(methods)
     info["rerun"] = rerun
     return files, info

@@ -59,6 +59,18 @@ class ReportConfig(ConfigMixin):
     """Points per view in each 4D viewer frame."""
     overlay_queries: int = 4
     """Query patches drawn in each attention-overlay figure."""
+    bootstrap: int = 1000
+    """Bootstrap replicates behind every 95 % interval (resampling the held-out pairs, seeded
+    by ``seed``: the same run gives the same intervals)."""
+    converge_tol: float = 0.05
+    """Probes count as converged when their training loss fell by at most this fraction over
+    the last tenth of training; otherwise the page says the numbers are not meaningful yet."""
+    smoke: bool = False
+    """A smoke run (the ``fast`` preset): the page and the log say its numbers are not meaningful,
+    and no headline card is green."""
+    query_patches: Sequence[int] | None = None
+    """Query patches (token indices, row · w + column of view 2's patch grid) of the attention
+    maps; ``None``: ``overlay_queries`` patches spread over the image."""
     head_queries: int | None = 256
     """Query patches per view and batch the head scores use (a seeded sample; their attention rows
     come from q and k while the forward stays on fused attention, so many-view models fit in
@@ -82,6 +94,17 @@ class ReportConfig(ConfigMixin):
             raise ValueError(f"ReportConfig.patch_pairs={self.patch_pairs} must be in 1..pairs ({self.pairs})")
         if self.control_steps is not None and self.control_steps < 1:
             raise ValueError(f"ReportConfig.control_steps={self.control_steps} must be >= 1 (or None)")
+        if self.bootstrap < 100:
+            raise ValueError(f"ReportConfig.bootstrap={self.bootstrap}: use at least 100 replicates for a 95 % "
+                             "interval")
+        if not 0 < self.converge_tol < 1:
+            raise ValueError(f"ReportConfig.converge_tol={self.converge_tol} is a fraction in (0, 1)")
+        if self.query_patches is not None:
+            qp = self.query_patches
+            q = (qp,) if isinstance(qp, int) else tuple(int(t) for t in qp)
+            if not q or min(q) < 0:
+                raise ValueError(f"ReportConfig.query_patches={list(q)}: give token indices >= 0")
+            object.__setattr__(self, "query_patches", q)
         if self.head_queries is not None and self.head_queries < 1:
             raise ValueError(f"ReportConfig.head_queries={self.head_queries} must be >= 1 (or None: every query)")
         if self.train_pool < 0 or not self.lr > 0:
@@ -101,6 +124,8 @@ class ReportConfig(ConfigMixin):
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
         d["probe_kinds"], d["patch_per"] = list(self.probe_kinds), list(self.patch_per)
+        if self.query_patches is not None:
+            d["query_patches"] = list(self.query_patches)
         return d
 
     def changed(self, **changes: Any) -> ReportConfig:
@@ -115,5 +140,6 @@ class ReportConfig(ConfigMixin):
 PRESETS: dict[str, ReportConfig] = {
     "default": ReportConfig(),
     "fast": ReportConfig(pairs=8, probe_steps=12, batch_size=4, probe_width=64, probe_layers=3, control_steps=6,
-                         patch_pairs=2, patch_per=("site",), max_points=1500, overlay_queries=2),
+                         patch_pairs=2, patch_per=("site",), max_points=1500, overlay_queries=2, bootstrap=200,
+                         smoke=True),
 }

@@ -58,6 +58,21 @@ h3 { font-size: 16px; margin: 20px 0 8px; }
 .stat .v { font-size: 22px; font-weight: 650; margin: 2px 0; }
 .stat .d { font-size: 13px; color: var(--muted); }
 .good { color: var(--good); } .bad { color: var(--bad); } .warn { color: var(--warn); }
+.stat .v .ci, .ci { font-size: 0.62em; font-weight: 500; color: var(--muted); white-space: nowrap; }
+.stat .verdict { margin-top: 6px; font-size: 12px; color: var(--ink); border-top: 1px dashed var(--line);
+                 padding-top: 5px; }
+.stat .verdict.supported { color: var(--good); }
+.banner { background: #fff4e0; border: 1px solid #f0c36d; border-left: 5px solid var(--warn); border-radius: 8px;
+          padding: 12px 16px; margin: 18px 0 0; font-size: 14px; }
+.banner ul { margin: 6px 0; padding-left: 20px; }
+.heats { display: flex; flex-wrap: wrap; gap: 14px; margin: 6px 0 12px; }
+table.heat { border-collapse: collapse; font-size: 11px; }
+table.heat td, table.heat th { padding: 2px 5px; text-align: center; min-width: 26px; border: 1px solid #fff; }
+table.heat th { color: var(--muted); font-weight: 500; }
+.needs-gt { background: #f3f4f7; border: 1px dashed #b8bec8; border-radius: 6px; padding: 9px 13px; }
+span.pill { display: inline-block; padding: 0 8px; border-radius: 999px; font-size: 12px; line-height: 20px;
+            background: #e8eaee; color: var(--ink); white-space: nowrap; }
+span.pill.v-agree { background: #d8f0df; color: #1d6b37; } span.pill.v-disagree { background: #f8dcdc; color: #8f2525; }
 figure { margin: 12px 0 18px; }
 figure img { max-width: 100%; height: auto; border: 1px solid var(--line); border-radius: 6px; background: #fff;
              cursor: zoom-in; display: block; }

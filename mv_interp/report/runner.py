@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,28 @@ TITLES = {
     "views": "4D views of the easy and hard pair",
 }
 STEP_NAMES = tuple(TITLES)
+
+
+def smoke_reasons(cfg: ReportConfig, infos: dict[str, dict[str, Any]], pairs_used: int,
+                  photos: bool = False) -> list[str]:
+    """Why this run's numbers are not meaningful yet, each with the setting to raise (empty: none).
+
+    A smoke run (``cfg.smoke``, the ``fast`` preset), and probes whose training loss still fell by
+    more than ``cfg.converge_tol`` over the last tenth of training."""
+    out = []
+    if cfg.smoke and photos:
+        out.append(f"a --fast smoke run on {pairs_used} photo pair(s) ({cfg.bootstrap} bootstrap replicates, "
+                   f"{cfg.patch_pairs} patching pair(s) at most); run without --fast, and give more pairs")
+    elif cfg.smoke:
+        out.append(f"a --fast smoke run: probes trained {cfg.probe_steps} steps, measured on {pairs_used} held-out "
+                   "pairs; run without --fast (or raise --probe-steps and --pairs)")
+    for name, flag in (("probes", "--probe-steps"), ("control", "--control-steps")):
+        drop = infos.get(name, {}).get("tail_drop")
+        if isinstance(drop, (int, float)) and math.isfinite(drop) and drop > cfg.converge_tol:
+            out.append(f"the {name} did not converge: their loss still fell {100 * drop:.0f}% over the last tenth of "
+                       f"training (more than {100 * cfg.converge_tol:.0f}%); raise {flag} "
+                       f"(now {infos[name].get('steps')})")
+    return out
 
 
 def model_name(spec: Any) -> str:
@@ -82,7 +105,8 @@ def _environment(module: Any) -> dict[str, Any]:
 
 
 def run_report(model: Any = "dust3r-toy", config: ReportConfig | None = None, out: str | os.PathLike = "mv_interp_out",
-               *, data: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+               *, data: str | os.PathLike | None = None, images: Sequence[str | os.PathLike] | None = None,
+               probes: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                model_config: Any = None, family: str | None = None, force: bool | Iterable[str] = False,
                progress: bool = True, log: Callable[[str], None] = print, command: str = "") -> dict[str, Path]:
     """Run every step of the report (reusing finished ones) and write ``OUT/report.html``.
@@ -93,12 +117,19 @@ def run_report(model: Any = "dust3r-toy", config: ReportConfig | None = None, ou
         config: :class:`ReportConfig` (default: the ``default`` preset).
         out: output folder (created); a re-run into the same folder reuses finished steps.
         data: a capture directory (``docs/data.md``) instead of synthetic rooms.
+        images: plain photos instead: image files taken as pairs (``a.png b.png [c.png d.png …]``),
+            no depth or cameras. Everything that needs no ground truth runs (the pointmap lens 4D
+            view, attention maps, register/local head scores, the knockout and patching measured by
+            how far the model's own output moves); the sections that need ground truth say so.
+        probes: with ``images``, a probe set trained on this model (e.g. a synthetic report's
+            ``OUT/probes/model``) to apply to the photos as well.
         force: ``True`` recomputes every step; a list of step names recomputes those (and, as their
             results change, everything downstream).
 
     Returns ``{"html": …, "summary": …, "manifest": …}``.
 
     >>> run_report("dust3r-toy", ReportConfig.preset("fast"), "runs/report")
+    >>> run_report("dust3r-toy", out="runs/photos", images=["a.png", "b.png"])
     """
     from ..api import load_model
     from ..probes.probeset import fingerprint, unwrap
@@ -125,15 +156,29 @@ def run_report(model: Any = "dust3r-toy", config: ReportConfig | None = None, ou
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
-    log(f"preparing {cfg.pairs} held-out pairs" + (f" from {data}" if data else " (synthetic rooms)"))
-    pairs = A.prepare_pairs(model, cfg, data, progress)
+    if images is not None:
+        if data is not None:
+            raise ValueError("give --data (a capture with ground truth) or --images (plain photos), not both")
+        log(f"loading {len(images)} image(s) as {len(images) // 2} pair(s)")
+        pairs = A.image_pairs(model, images)
+    else:
+        if probes is not None:
+            raise ValueError("--probes applies trained probes to plain photos; use it with --images")
+        log(f"preparing {cfg.pairs} held-out pairs" + (f" from {data}" if data else " (synthetic rooms)"))
+        pairs = A.prepare_pairs(model, cfg, data, progress)
+        ex = {k: pairs.stats[i] for k, i in pairs.examples.items()}
+        log("  example pairs: " + ", ".join(f"{k} #{s['index']} (overlap {s['overlap']:.0%}, rotation "
+                                            f"{s['rotation_deg']:.0f}°)" for k, s in ex.items()))
     timings["pairs"] = time.perf_counter() - t
-    ex = {k: pairs.stats[i] for k, i in pairs.examples.items()}
-    log("  example pairs: " + ", ".join(f"{k} #{s['index']} (overlap {s['overlap']:.0%}, rotation "
-                                        f"{s['rotation_deg']:.0f}°)" for k, s in ex.items()))
+    photos = images is not None
+    from ..probes.data import batch_size_of
+
+    n_used = batch_size_of(pairs.views)
 
     base = {"model": model_id, "data": pairs.describe}
-    steps = Steps(out, force=force, log=log, total=len(STEP_NAMES) - (0 if cfg.control else 1))
+    run_probes = not photos
+    total = len(STEP_NAMES) - (0 if cfg.control else 1) - (3 if photos else 0)
+    steps = Steps(out, force=force, log=log, total=total)
 
     def probe_step(name: str, control: bool, folder: Path) -> None:
         tconf = A.train_config(cfg, control=control)
@@ -143,24 +188,47 @@ def run_report(model: Any = "dust3r-toy", config: ReportConfig | None = None, ou
                                            A.train_step(model, pairs, tconf, folder, key, progress)),
                   title=TITLES[name])
 
-    probe_step("probes", False, out / "probes" / "model")
-    reads = ["probes"]
-    if cfg.control:
-        probe_step("control", True, out / "probes" / "control")
-        reads.append("control")
-    steps.run("evaluate", {**base, "batch": cfg.batch_size, "control": cfg.control},
-              lambda: A.evaluate_step(model, pairs, cfg, out, progress), reads=reads, title=TITLES["evaluate"])
+    probes_dir = Path(probes) if probes is not None else out / "probes" / "model"
+    if photos:
+        # plain photos: nothing to train or evaluate probes on; earlier synthetic steps' files go
+        for stale in ("probes", "control", "evaluate"):
+            steps.manifest.steps.pop(stale, None)
+        if probes is not None and not (probes_dir / "probes.json").is_file():
+            raise FileNotFoundError(f"--probes {probes_dir}: no probes.json there; give a probe set trained on this "
+                                    "model (a report's OUT/probes/model, or `mv-interp probes train`)")
+    if run_probes:
+        probe_step("probes", False, out / "probes" / "model")
+        reads = ["probes"]
+        if cfg.control:
+            probe_step("control", True, out / "probes" / "control")
+            reads.append("control")
+        steps.run("evaluate", {**base, "batch": cfg.batch_size, "control": cfg.control, "bootstrap": cfg.bootstrap,
+                               "seed": cfg.seed}, lambda: A.evaluate_step(model, pairs, cfg, out, progress),
+                  reads=reads, title=TITLES["evaluate"])
+    use_probes = probes_dir if (run_probes or probes is not None) else None
+    probes_key = {"probes": str(probes_dir.resolve()), "mtime": (probes_dir / "probes.safetensors").stat().st_mtime}\
+        if photos and probes is not None else None
     steps.run("heads", {**base, "batch": cfg.batch_size, "queries": cfg.overlay_queries, "examples": pairs.examples,
+                        "query_patches": cfg.to_dict().get("query_patches"),
+                        "bootstrap": cfg.bootstrap, "seed": cfg.seed, "per_pair": True,
                         **({"head_queries": cfg.head_queries} if cfg.head_queries is not None else {})},
               lambda: A.heads_step(model, pairs, cfg, out, progress, name), title=TITLES["heads"])
     steps.run("knockout", {**base, "k": cfg.knockout_k, "seed": cfg.seed, "batch": cfg.batch_size,
-                           "points": cfg.max_points, "queries": cfg.overlay_queries, "examples": pairs.examples},
-              lambda: A.knockout_step(model, pairs, cfg, out, progress), reads=["probes", "evaluate", "heads"],
+                           "points": cfg.max_points, "queries": cfg.overlay_queries, "examples": pairs.examples,
+                           "query_patches": cfg.to_dict().get("query_patches"), "bootstrap": cfg.bootstrap,
+                           "controls": ["random_tokens", "positive"], "probes_key": probes_key},
+              lambda: A.knockout_step(model, pairs, cfg, out, progress, use_probes),
+              reads=["probes", "evaluate", "heads"],
               title=TITLES["knockout"])
-    steps.run("patching", {**base, "pairs": cfg.patch_pairs, "per": list(cfg.patch_per)},
+    steps.run("patching", {**base, "pairs": min(cfg.patch_pairs, n_used), "per": list(cfg.patch_per)},
               lambda: A.patching_step(model, pairs, cfg, out, progress), title=TITLES["patching"])
-    steps.run("views", {**base, "points": cfg.max_points, "examples": pairs.examples, "rerun": rerun_available()},
-              lambda: A.views_step(model, pairs, cfg, out, progress), reads=["probes"], title=TITLES["views"])
+    steps.run("views", {**base, "points": cfg.max_points, "examples": pairs.examples, "probes_key": probes_key,
+                       "rerun": rerun_available()},
+              lambda: A.views_step(model, pairs, cfg, out, progress, use_probes),
+              reads=["probes"], title=TITLES["views"])
+    smoke = smoke_reasons(cfg, {n: r.info for n, r in steps.records.items()}, n_used, photos)
+    for line in smoke:
+        log(f"NOTE: {line}")
 
     t = time.perf_counter()
     from .page import build_page
@@ -172,7 +240,7 @@ def run_report(model: Any = "dust3r-toy", config: ReportConfig | None = None, ou
         "model": {"name": name, "family": model_id["family"], "config": model_id["config"],
                   "fingerprint": model_id["fingerprint"], "parameters": sum(p.numel() for p in module.parameters()),
                   "img_size": list(module.config.img_size)},
-        "model_card": model_card(spec),
+        "model_card": model_card(spec), "pairs_used": n_used, "photos": photos, "smoke": smoke,
         "environment": _environment(module), "command": command,
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
@@ -186,7 +254,8 @@ def run_report(model: Any = "dust3r-toy", config: ReportConfig | None = None, ou
     steps.manifest.save()
     summary = {"model": name, "created": ctx["created"], "timings": timings,
                "steps": {n: {"seconds": r["seconds"], "reused": r["reused"]} for n, r in ctx["records"].items()},
-               "facts": facts, "examples": {k: pairs.stats[i] for k, i in pairs.examples.items()}}
+               "facts": facts, "examples": {k: pairs.stats[i] for k, i in pairs.examples.items()},
+               "pairs_used": n_used, "smoke": smoke, "command": command}
     summary_path = A.write_json(out / SUMMARY, summary)
     log(f"report: {html_path} ({html_path.stat().st_size / 1e6:.1f} MB) in {timings['total']:.0f} s")
     return {"html": html_path, "summary": summary_path, "manifest": steps.manifest.path}
