@@ -194,6 +194,16 @@ class HookedTinyAlt(MultiViewModel):
                                            f"{base}.hook_z", kind, "dec", i, 0, views, c.n_heads, layout))
         return sites
 
+    def resid_norm(self, view: int, layer: int | None = None, kind: str | None = None) -> nn.Module:
+        """The norm that reads the residual before sublayer ``kind`` of block ``layer`` (``None``: the final norm)."""
+        if layer is None:
+            return self.norm
+        return getattr(self.blocks[layer], {"self": "norm1", "cross": "norm2", "mlp": "norm3"}[kind or "self"])
+
+    def head_input_hook(self, view: int) -> str:
+        """The hook holding the head's input (the final norm's output; views stacked like the probe sites)."""
+        return "hook_out"
+
     def pointmap_lens(self, site: ProbeSite, tokens: Tensor, grid: tuple[int, int]) -> dict[str, Tensor]:
         """The model's own final norm and head applied to an intermediate state ``[batch, pos, dim]``."""
         return self.decode(self.norm(tokens), grid)

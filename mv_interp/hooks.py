@@ -22,6 +22,8 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
+from .cache import CacheAlgebra
+
 HookFn = Callable[[Tensor, "HookPoint"], Union[Tensor, None]]
 NamesFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
 
@@ -43,15 +45,28 @@ class HookPoint(nn.Module):
         return x
 
     def add_hook(self, hook: HookFn, dir: str = "fwd", is_permanent: bool = False):
-        """Register ``hook(activation, hook_point)``; returns a handle with ``.remove()``."""
-        if dir != "fwd":
-            raise ValueError(
-                f"HookPoint {self.name}: only forward hooks are supported (dir='fwd'), got dir={dir!r}; "
-                "for gradients, call .register_hook on the tensor inside a forward hook."
-            )
+        """Register ``hook(activation, hook_point)``; returns a handle with ``.remove()``.
 
-        def wrapped(module: nn.Module, inputs: tuple, output: Tensor):
-            return hook(output, self)
+        ``dir="bwd"`` (TransformerLens semantics): ``hook(grad, hook_point)`` receives the gradient
+        of whatever is backpropagated with respect to this hook's *output* during the backward
+        pass; a returned tensor replaces that gradient. It fires only when the forward ran with
+        gradients enabled and the activation depends on something that requires grad.
+        """
+        if dir not in ("fwd", "bwd"):
+            raise ValueError(f"HookPoint {self.name}: dir must be 'fwd' or 'bwd', got dir={dir!r}")
+
+        if dir == "fwd":
+            def wrapped(module: nn.Module, inputs: tuple, output: Tensor):
+                return hook(output, self)
+        else:
+            def wrapped(module: nn.Module, inputs: tuple, output: Tensor):
+                if not (isinstance(output, Tensor) and output.requires_grad and torch.is_grad_enabled()):
+                    return None
+                # a fresh autograd node, so the gradient is the hook output's alone: the identity
+                # returns its input tensor, which other paths (e.g. the other view's memory) may share
+                out = output.view_as(output)
+                out.register_hook(lambda grad: hook(grad, self))
+                return out
 
         handle = self.register_forward_hook(wrapped)
         if is_permanent:
@@ -97,17 +112,22 @@ def _compile_filter(names_filter: NamesFilter) -> Callable[[str], bool]:
     return match
 
 
-class ActivationCache(Mapping):
+class ActivationCache(CacheAlgebra, Mapping):
     """A read-only mapping from hook name to activation, with helpers.
 
     Keys are full hook names (``"dec_blocks2.3.hook_resid_post"``). Indexing also
     accepts a ``(short_name, layer)`` tuple or ``(short_name, layer, view)`` when the
-    owning model provides a name helper (see ``act_name``).
+    owning model provides a name helper (see ``act_name``). The TransformerLens cache
+    algebra (``accumulated_resid``, ``decompose_resid``, ``stack_head_results``, …) is in
+    :class:`mv_interp.cache.CacheAlgebra`; it needs the ``model`` that made the cache.
     """
 
-    def __init__(self, store: dict[str, Tensor], name_fn: Callable[..., str] | None = None):
+    def __init__(self, store: dict[str, Tensor], name_fn: Callable[..., str] | None = None, *,
+                 model: Any = None, batch_size: int | None = None, n_views: int | None = None,
+                 has_batch_dim: bool = True):
         self._store = store
         self._name_fn = name_fn
+        self._model, self.batch_size, self.n_views, self.has_batch_dim = model, batch_size, n_views, has_batch_dim
 
     def _key(self, key: Any) -> str:
         if isinstance(key, str):
@@ -135,7 +155,7 @@ class ActivationCache(Mapping):
         return len(self._store)
 
     def to(self, device: str | torch.device) -> ActivationCache:
-        return ActivationCache({k: v.to(device) for k, v in self._store.items()}, self._name_fn)
+        return self._derive({k: v.to(device) for k, v in self._store.items()})
 
     def stack(self, names: Sequence[str]) -> Tensor:
         """Stack several activations of equal shape on a new leading axis."""
@@ -183,6 +203,7 @@ class HookedRootModule(nn.Module):
 
     # -- hooks ------------------------------------------------------------------
     def add_hook(self, name: NamesFilter, hook: HookFn, dir: str = "fwd", is_permanent: bool = False):
+        """Register ``hook`` on every hook point ``name`` selects; ``dir="bwd"`` for gradients."""
         handles = [self.hook_dict[n].add_hook(hook, dir=dir, is_permanent=is_permanent) for n in self._resolve(name)]
         return handles
 
@@ -191,8 +212,9 @@ class HookedRootModule(nn.Module):
             hp.remove_hooks(including_permanent=including_permanent)
 
     @contextlib.contextmanager
-    def hooks(self, fwd_hooks: Sequence[tuple[NamesFilter, HookFn]] = (), reset_hooks_end: bool = True):
-        """Context manager that installs ``fwd_hooks`` and removes them on exit.
+    def hooks(self, fwd_hooks: Sequence[tuple[NamesFilter, HookFn]] = (), reset_hooks_end: bool = True,
+              bwd_hooks: Sequence[tuple[NamesFilter, HookFn]] = ()):
+        """Context manager that installs ``fwd_hooks`` (and ``bwd_hooks``) and removes them on exit.
 
         >>> with model.hooks([("dec_blocks2.1.hook_resid_mid", lambda x, hook: x * 0)]):
         ...     out = model(img1, img2)
@@ -201,6 +223,8 @@ class HookedRootModule(nn.Module):
         try:
             for name, fn in fwd_hooks:
                 handles.extend(self.add_hook(name, fn))
+            for name, fn in bwd_hooks:
+                handles.extend(self.add_hook(name, fn, dir="bwd"))
             yield self
         finally:
             if reset_hooks_end:
@@ -208,18 +232,34 @@ class HookedRootModule(nn.Module):
                     h.remove()
 
     def run_with_hooks(self, *args: Any, fwd_hooks: Sequence[tuple[NamesFilter, HookFn]] = (),
-                       reset_hooks_end: bool = True, **kwargs: Any) -> Any:
-        """Run the model with temporary forward hooks (TransformerLens semantics)."""
-        with self.hooks(fwd_hooks, reset_hooks_end=reset_hooks_end):
+                       reset_hooks_end: bool = True, bwd_hooks: Sequence[tuple[NamesFilter, HookFn]] = (),
+                       **kwargs: Any) -> Any:
+        """Run the model with temporary forward (and backward) hooks (TransformerLens semantics).
+
+        Backward hooks attach to the tensors of this forward, so they fire when you later call
+        ``.backward()`` on something computed from its output (even after the hook points were reset).
+        """
+        with self.hooks(fwd_hooks, reset_hooks_end=reset_hooks_end, bwd_hooks=bwd_hooks):
             return self(*args, **kwargs)
 
     def run_with_cache(self, *args: Any, names_filter: NamesFilter = None, device: Any = None,
-                       detach: bool = True, **kwargs: Any) -> tuple[Any, ActivationCache]:
+                       detach: bool = True, incl_bwd: bool = False, metric: Callable[[Any], Tensor] | None = None,
+                       **kwargs: Any) -> tuple[Any, ActivationCache]:
         """Run the model and record every hook selected by ``names_filter``.
 
         ``names_filter``: ``None`` (all), a name, a glob (``"dec_blocks2.*.hook_resid_post"``),
         a list of names/globs, or a predicate on the name.
+
+        ``incl_bwd=True`` also records the gradient of ``metric`` with respect to each selected
+        hook's output, under ``name + "_grad"`` (TransformerLens names). ``metric`` takes the
+        per-view outputs (``view_outputs(output)``) and returns a scalar or one value per example
+        (their mean is differentiated, as the patching sweeps average it). Parameters' ``.grad``
+        are left untouched.
         """
+        if incl_bwd:
+            from .cache import run_with_cache_and_grads
+
+            return run_with_cache_and_grads(self, args, kwargs, names_filter, metric, device)
         store: dict[str, Tensor] = {}
 
         def save(x: Tensor, hook: HookPoint) -> None:
@@ -229,7 +269,12 @@ class HookedRootModule(nn.Module):
         names = self._resolve(names_filter)
         with self.hooks([(n, save) for n in names]):
             out = self(*args, **kwargs)
-        return out, ActivationCache(store, getattr(self, "act_name", None))
+        return out, self._make_cache(store, args)
+
+    def _make_cache(self, store: dict[str, Tensor], args: Sequence[Any]) -> ActivationCache:
+        views = [a for a in args if isinstance(a, Tensor)]
+        return ActivationCache(store, getattr(self, "act_name", None), model=self,
+                               batch_size=views[0].shape[0] if views else None, n_views=len(views) or None)
 
     # -- introspection ------------------------------------------------------------
     def record_hook_order(self, *args: Any, **kwargs: Any) -> list[tuple[str, tuple[int, ...]]]:

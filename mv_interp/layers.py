@@ -68,6 +68,12 @@ def apply_rope2d(
     return torch.cat(out, dim=-1).to(x.dtype)
 
 
+def _is_fake(t: Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return t.device.type == "meta" or is_fake(t)
+
+
 class RoPE2D(nn.Module):
     """RoPE2D with a cache of cos/sin tables per (grid, device)."""
 
@@ -77,6 +83,8 @@ class RoPE2D(nn.Module):
         self._cache: dict[tuple, tuple[Tensor, Tensor]] = {}
 
     def tables(self, pos: Int[Tensor, "pos 2"], d_head: int) -> tuple[Tensor, Tensor]:
+        if _is_fake(pos):  # shape inference (model.scan / hook_shapes): no values to key a cache on
+            return rope2d_cos_sin(pos, d_head, self.base)
         key = (pos.device, d_head, tuple(pos.shape), int(pos[:, 0].max()), int(pos[:, 1].max()), int(pos.sum()))
         hit = self._cache.get(key)
         if hit is None:

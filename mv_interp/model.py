@@ -167,17 +167,73 @@ class MVModel(NNsight):
         return self._module(*_as_views(views, self._module), **kwargs)
 
     # -- TransformerLens-style API --------------------------------------------------------
+    def _refuse_inside_nnsight(self, what: str) -> None:
+        # A TL-style run calls the torch module directly: nnsight's trace body and stored edits
+        # never see it, so running one there would silently ignore them.
+        if self.interleaver.interleaving:
+            raise RuntimeError(
+                f"model.{what}(...) was called inside an open nnsight trace: TransformerLens-style runs bypass "
+                "nnsight, so the trace's reads and edits would not apply to them. Call it outside the "
+                "`with model.trace(...)` block, or read/edit hooks through the trace (model.<hook path>.output)."
+            )
+        edits = getattr(self, "_edits", None)
+        if edits:
+            raise RuntimeError(
+                f"model.{what}(...) cannot apply the {len(edits)} nnsight edit(s) stored on this model by "
+                "model.edit(...): TransformerLens-style runs bypass nnsight. Run through model.trace(...), which "
+                "replays them, or drop them first with model.clear_edits()."
+            )
+
     def run_with_cache(self, *views: Any, names_filter: Any = None, device: Any = None, **kwargs: Any):
-        """``(output, ActivationCache)`` for the hooks selected by ``names_filter``."""
+        """``(output, ActivationCache)`` for the hooks selected by ``names_filter``.
+
+        ``incl_bwd=True, metric=fn`` also records gradients (``name + "_grad"``); see
+        :meth:`mv_interp.hooks.HookedRootModule.run_with_cache`. Refused inside an nnsight trace
+        and on a model carrying nnsight edits (it would silently ignore them).
+        """
+        self._refuse_inside_nnsight("run_with_cache")
         return self._module.run_with_cache(*_as_views(views, self._module), names_filter=names_filter,
                                            device=device, **kwargs)
 
-    def run_with_hooks(self, *views: Any, fwd_hooks: Sequence = (), reset_hooks_end: bool = True, **kwargs: Any):
+    def run_with_hooks(self, *views: Any, fwd_hooks: Sequence = (), reset_hooks_end: bool = True,
+                       bwd_hooks: Sequence = (), **kwargs: Any):
+        """Run with temporary forward / backward hooks (TransformerLens semantics; refused inside an
+        nnsight trace and on a model carrying nnsight edits)."""
+        self._refuse_inside_nnsight("run_with_hooks")
         return self._module.run_with_hooks(*_as_views(views, self._module), fwd_hooks=fwd_hooks,
-                                           reset_hooks_end=reset_hooks_end, **kwargs)
+                                           reset_hooks_end=reset_hooks_end, bwd_hooks=bwd_hooks, **kwargs)
 
-    def hooks(self, fwd_hooks: Sequence = (), reset_hooks_end: bool = True):
-        return self._module.hooks(fwd_hooks, reset_hooks_end)
+    def hooks(self, fwd_hooks: Sequence = (), reset_hooks_end: bool = True, bwd_hooks: Sequence = ()):
+        return self._module.hooks(fwd_hooks, reset_hooks_end, bwd_hooks=bwd_hooks)
+
+    # -- shape inference ------------------------------------------------------------------
+    def scan(self, *views: Any, **kwargs: Any):
+        """nnsight's ``scan``: a trace whose forward runs on fake tensors (shapes and dtypes, no compute).
+
+        >>> with model.scan(img1, img2):
+        ...     shape = nnsight.save(model.dec_blocks2[1].cross_attn.hook_pattern.output.shape)
+        """
+        from nnsight.intervention.tracer import ScanningTracer
+
+        return ScanningTracer(self, "__call__", *views, **kwargs)
+
+    def hook_shapes(self, *views: Any, **kwargs: Any) -> list[tuple[str, tuple[int, ...]]]:
+        """``[(hook, shape)]`` in execution order for these views, inferred without computing:
+        the forward runs under ``FakeTensorMode``, so only shapes propagate (the weights are
+        not read). ``hook_table`` is the same from a real run on one-patch images."""
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+        seen: list[tuple[str, tuple[int, ...]]] = []
+
+        def rec(x: Tensor, hook: HookPoint) -> None:
+            seen.append((hook.name, tuple(int(n) for n in x.shape)))
+
+        views = _as_views(views, self._module)
+        with FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv(assume_static_by_default=True)):
+            with torch.no_grad(), self._module.hooks([(n, rec) for n in self._module.hook_dict]):
+                self._module(*views, **kwargs)
+        return seen
 
     def reset_hooks(self, including_permanent: bool = False) -> None:
         self._module.reset_hooks(including_permanent)

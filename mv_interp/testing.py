@@ -27,6 +27,12 @@
                    (``mv_interp.probes``) moves every probe and decodes finite full-size pointmaps
 ``head_scores``    a generic tool runs unchanged: ``mv_interp.heads.score_heads`` scores every head of
                    every attention site on rendered views
+``cache_algebra``  per view, ``decompose_resid`` (whole sublayers and split into heads) sums back to the
+                   final residual, and through ``resid_norm`` it gives the heads' input (``head_input_hook``)
+``bwd_hooks``      backward hooks fire on every hook point the output depends on, with autograd's gradient,
+                   and ``run_with_cache(incl_bwd=True)`` records the same
+``attribution``    direct pointmap attribution sums to the pointmap change against a nearby run, and
+                   attribution patching fills every cell of a per-site sweep
 =================  =========================================================================
 
 Adding a check: write ``fn(ctx: CheckContext) -> list[str]`` (the failure messages; empty when it
@@ -895,3 +901,131 @@ def _check_head_scores(ctx: CheckContext) -> list[str]:
             if isinstance(val, float) and not math.isnan(val) and not -1e-4 <= val <= 1 + 1e-4:
                 fails.append(f"{r['site']} head {r['head']}: {key} = {val:.4g} is not a probability mass")
     return fails[:20]
+
+
+@register_check("cache_algebra")
+def _check_cache_algebra(ctx: CheckContext) -> list[str]:
+    """The cache algebra works from the declared sites: per view, the embedding and every sublayer
+    output sum back to the final residual (also split into heads through the out-projection), and
+    through ``resid_norm`` (scale frozen) plus its bias they give the heads' input (``head_input_hook``;
+    that part is left out for models whose heads do not read one normed residual and say so by
+    raising ``NotImplementedError``)."""
+    m = ctx.module
+    cache = m._make_cache(ctx.cache(), ctx.inputs)
+    fails: list[str] = []
+    for view in range(1, ctx.n_views + 1):
+        resid, labels = cache.accumulated_resid(view=view, return_labels=True)
+        parts = cache.decompose_resid(view=view)
+        ok, ratio = _close(parts.sum(0), resid[-1], rtol=1e-5, atol=1e-5)
+        if not ok:
+            fails.append(f"view {view}: decompose_resid does not sum to the final residual {labels[-1]} "
+                         f"({ratio:.2g}× the tolerance); are all sublayer outputs declared as '*_out' probe sites?")
+        sites = cache._sites(view, "dec")
+        attn_outs = [s.name for s in sites if s.kind in ("self_out", "cross_out")]
+        split = cache._attention_of_outputs(view, sites)
+        if sorted(split) != sorted(attn_outs):
+            fails.append(f"view {view}: attention outputs {sorted(set(attn_outs) - set(split))[:4]} have no attention "
+                         "site (same layer) to split them into heads")
+        heads = cache.decompose_resid(view=view, split_heads=True)
+        ok, ratio = _close(heads.sum(0), resid[-1], rtol=1e-5, atol=1e-5)
+        if not ok:
+            fails.append(f"view {view}: the heads' contributions through the out-projection (plus its bias) do not "
+                         f"sum to the attention outputs ({ratio:.2g}× the tolerance)")
+        try:
+            norm, hook = m.resid_norm(view), m.head_input_hook(view)
+        except NotImplementedError:
+            continue  # heads that do not read one normed residual (VGGT's DPT reads two): nothing to compare
+        from .cache import final_resid_site, norm_bias
+
+        site = final_resid_site(m, view, ctx.n_views)
+        normed = cache.apply_ln_to_stack(parts, view=view)
+        ok, ratio = _close(normed.sum(0) + norm_bias(norm, normed[0]), view_tokens(cache[hook], site, ctx.n_views))
+        if not ok:
+            fails.append(f"view {view}: the components through resid_norm(view) plus its bias differ from "
+                         f"{hook} ({ratio:.2g}× the tolerance)")
+    return fails
+
+
+@register_check("bwd_hooks")
+def _check_bwd_hooks(ctx: CheckContext, n_exact: int = 2) -> list[str]:
+    """Backward hooks fire on every hook point the output depends on, with the gradient autograd
+    gives for the hook's output (checked exactly on a few hooks), and equal to
+    ``run_with_cache(incl_bwd=True)``'s ``*_grad`` entries."""
+    m = ctx.module
+    names = ctx.order()
+    metric = _grad_metric
+    got: dict[str, Tensor] = {}
+    needs: set[str] = set()
+
+    def fwd(x: Tensor, hook: Any) -> None:
+        if isinstance(x, Tensor) and x.requires_grad and not _is_read_only(m, hook.name):
+            needs.add(hook.name)
+
+    def bwd(g: Tensor, hook: Any) -> None:
+        got.setdefault(hook.name, g.detach().clone())
+
+    one = tuple(v[:1] for v in ctx.inputs)  # a batch of one keeps DPT heads' backward cheap
+    inputs = tuple(v.clone().requires_grad_(True) for v in one)
+    with m.hooks([(n, fwd) for n in names], bwd_hooks=[(n, bwd) for n in names]):
+        loss = metric(m.view_outputs(m(*inputs)))
+        torch.autograd.grad(loss, inputs)
+    fails = []
+    silent = sorted(needs - set(got), key=names.index)
+    if silent:
+        fails.append(f"backward hooks did not fire on {len(silent)} hook(s) the output depends on, e.g. {silent[:4]}")
+    step = max(1, len(names) // n_exact)
+    for name in [n for n in names[::step] if n in got][:n_exact]:
+        leaf: list[Tensor] = []
+
+        def cut(x: Tensor, hook: Any) -> Tensor:
+            leaf.append(x.detach().requires_grad_(True))
+            return leaf[-1]
+
+        with torch.enable_grad(), m.hooks([(name, cut)]):
+            loss = metric(m.view_outputs(m(*one)))
+            (want,) = torch.autograd.grad(loss, leaf[:1], allow_unused=True)
+        want = torch.zeros_like(got[name]) if want is None else want
+        ok, ratio = _close(got[name], want, rtol=1e-4, atol=1e-5)
+        if not ok:
+            fails.append(f"{name}: the backward hook's gradient differs from autograd's ({ratio:.2g}× the tolerance)")
+    _, cache = m.run_with_cache(*one, incl_bwd=True, metric=metric)
+    for name, g in got.items():
+        ok, ratio = _close(cache[name + "_grad"], g, rtol=1e-4, atol=1e-5)
+        if not ok:
+            fails.append(f"{name}: run_with_cache(incl_bwd=True) and the backward hook disagree ({ratio:.2g}×)")
+    return fails[:20]
+
+
+def _grad_metric(outs: Any) -> Tensor:
+    # every floating output of every view, so every hook on the way to an output gets a gradient
+    return sum(t.float().mean() for o in outs for t in o.values() if isinstance(t, Tensor) and t.is_floating_point())
+
+
+@register_check("attribution")
+def _check_attribution(ctx: CheckContext) -> list[str]:
+    """Gradient-based tools run unchanged: direct pointmap attribution of each view sums, to first
+    order, to the pointmap change against a slightly perturbed run; attribution patching fills
+    every cell of the patching sweep's layout with finite values."""
+    from .interventions import attribution_patching, direct_pointmap_attribution, sweep_cells
+
+    g = torch.Generator().manual_seed(ctx.seed + 7)
+    one = tuple(v[:1] for v in ctx.inputs)  # a batch of one keeps DPT heads cheap
+    near = tuple(v + 1e-3 * torch.randn(v.shape, generator=g).to(v) for v in one)
+    fails = []
+    try:
+        ctx.module.resid_norm(ctx.n_views), ctx.module.head_input_hook(ctx.n_views)
+        dpa_views: tuple[int, ...] = (ctx.n_views,)  # a view whose points are placed in another view's frame
+    except NotImplementedError:
+        dpa_views = ()  # the heads do not read one normed residual: no direct attribution to check
+    for view in dpa_views:
+        dpa = direct_pointmap_attribution(ctx.model, one, view=view, reference=near, heads=False)
+        err = dpa.relative_error
+        if not err < 0.05:
+            fails.append(f"view {view}: the direct attributions against a run perturbed by 1e-3 miss the pointmap "
+                         f"change by {err:.3g} (relative); the final norm or head input may be misdeclared")
+    sweep = attribution_patching(ctx.model, ctx.inputs, ctx.other_inputs, per="site", normalize=False)
+    _, _, _, hooks, cells = sweep_cells(ctx.model, "site", n_views=ctx.n_views)
+    filled = int(torch.isfinite(sweep.raw).sum())
+    if filled != len(cells):
+        fails.append(f"attribution patching filled {filled} cells, the sweep has {len(cells)}")
+    return fails

@@ -112,13 +112,13 @@ class GlobalToy(MultiViewModel):
             outs.append({"pts3d": raw[..., :3], "conf": 1 + raw[..., 3].exp()})
         return tuple(outs)
 
-    def attention_sites(self):
+    def attention_sites(self, n_views=None):
         c = self.config
         return [AttentionSite(f"blk{i}.global", f"blocks.{i}.attn.hook_pattern", f"blocks.{i}.attn.hook_attn_scores",
                               f"blocks.{i}.attn.hook_z", "self", "dec", i, 0, (1, 2, 3), c.heads, "global")
                 for i in range(c.depth)]
 
-    def probe_sites(self, encoder_blocks=False, sublayers=False):
+    def probe_sites(self, encoder_blocks=False, sublayers=False, n_views=None):
         sites = []
         for v in (1, 2, 3):
             for i in range(self.config.depth):

@@ -169,5 +169,5 @@ def test_example_adapter_loads_upstream_keys_and_round_trips(example, tmp_path):
 def test_example_main_runs(example, capsys):
     example.main()
     out = capsys.readouterr().out
-    assert "check_adapter(HookedTinyAlt): 13 passed" in out
+    assert "check_adapter(HookedTinyAlt): 16 passed" in out
     assert "global attention of block 1: (1, 4, 72, 72)" in out

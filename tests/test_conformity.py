@@ -17,7 +17,8 @@ from mv_interp.testing import CheckContext, SkipCheck, _check_data_path, check_a
 TINY = dict(img_size=(32, 48), enc_embed_dim=32, enc_depth=2, enc_num_heads=2, dec_embed_dim=32, dec_depth=2,
             dec_num_heads=2)
 ALL = ["hook_table", "hook_order", "data_path", "attention_rows", "sites", "view_outputs", "nnsight_cache",
-       "invokes", "sdpa", "pointmap_lens", "knockout", "probe_step", "head_scores"]
+       "invokes", "sdpa", "pointmap_lens", "knockout", "probe_step", "head_scores", "cache_algebra", "bwd_hooks",
+       "attribution"]
 
 
 def tiny(cls, cfg_cls, **kw):
@@ -35,7 +36,7 @@ def test_dust3r_linear_conforms(linear_model):
     assert [r.name for r in report.results] == ALL
     assert all(r.status == "passed" for r in report.results), str(report)
     text = str(report)
-    assert text.splitlines()[0] == "check_adapter(HookedDUSt3R): 13 passed"
+    assert text.splitlines()[0] == "check_adapter(HookedDUSt3R): 16 passed"
     assert all(f"PASS  {name}" in text for name in ALL)
 
 

@@ -267,6 +267,17 @@ class MultiViewModel(HookedRootModule):
         and head (the 3D logit lens); returns ``{"pts3d", "conf"}``."""
         raise NotImplementedError
 
+    def resid_norm(self, view: int, layer: int | None = None, kind: str | None = None) -> torch.nn.Module:
+        """The norm that reads ``view``'s decoder residual stream before sublayer ``kind`` (a probe
+        site kind: ``"self"``, ``"cross"``, ``"mlp"``) of block ``layer``; ``layer=None``: the final
+        norm in front of the heads. Used by the cache algebra (``apply_ln_to_stack``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not declare resid_norm(view, layer, kind)")
+
+    def head_input_hook(self, view: int) -> str:
+        """The hook holding the heads' input for ``view``: the final norm's output, in the token
+        layout of the view's decoder probe sites (direct pointmap attribution edits it)."""
+        raise NotImplementedError(f"{type(self).__name__} does not declare head_input_hook(view)")
+
     @property
     def patch_size(self) -> int:
         return self.config.patch_size

@@ -385,6 +385,20 @@ class HookedDUSt3R(MultiViewModel):
                                                f"{base}.hook_z", kind, "dec", i, v, keys, c.dec_num_heads, "view"))
         return sites
 
+    _NORMS = {"self": "norm1", "cross": "norm2", "mlp": "norm3"}
+
+    def resid_norm(self, view: int, layer: int | None = None, kind: str | None = None) -> nn.Module:
+        """``dec_norm`` (``layer=None``), else ``norm1``/``norm2``/``norm3`` of view ``view``'s block."""
+        if layer is None:
+            return self.dec_norm
+        if kind is not None and kind not in self._NORMS:
+            raise ValueError(f"kind must be one of {sorted(self._NORMS)}, got {kind!r}")
+        blocks = self.dec_blocks if view == 1 else self.dec_blocks2
+        return getattr(blocks[layer], self._NORMS[kind or "self"])
+
+    def head_input_hook(self, view: int) -> str:
+        return self.act_name("dec_out", view=view)
+
     def pointmap_lens(self, site: ProbeSite, tokens: Tensor, grid: tuple[int, int],
                       enc_tokens: Tensor | None = None) -> dict[str, Tensor]:
         """Decode an intermediate state with the model's own ``dec_norm`` and the head of ``site.view``

@@ -573,6 +573,19 @@ class HookedFast3R(MultiViewModel):
                                            f"{base}.hook_z", "self", stack, i, 0, views, heads, layout))
         return sites
 
+    def resid_norm(self, view: int, layer: int | None = None, kind: str | None = None) -> nn.Module:
+        """``decoder.dec_norm`` (``layer=None``), else ``norm1`` (``"self"``) / ``norm2`` (``"mlp"``)
+        of the shared decoder block (every view's tokens go through the same blocks)."""
+        if layer is None:
+            return self.decoder.dec_norm
+        norms = {"self": "norm1", "mlp": "norm2"}
+        if kind is not None and kind not in norms:
+            raise ValueError(f"kind must be one of {sorted(norms)} (Fast3R has no cross-attention), got {kind!r}")
+        return getattr(self.decoder.dec_blocks[layer], norms[kind or "self"])
+
+    def head_input_hook(self, view: int) -> str:
+        return self._ROOT["dec_out"]
+
     def pointmap_lens(self, site: ProbeSite, tokens: Tensor, grid: tuple[int, int],
                       enc_tokens: Tensor | None = None) -> dict[str, Tensor]:
         """Decode one view's intermediate state with ``dec_norm`` and the global head (the 3D

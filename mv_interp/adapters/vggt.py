@@ -858,6 +858,32 @@ class HookedVGGT(MultiViewModel):
                                            c.n_special))
         return sites
 
+    # -- cache algebra ----------------------------------------------------------------
+    def attention_out_proj(self, site: AttentionSite) -> nn.Linear:
+        """The out-projection of a site's attention with its block's LayerScale folded in
+        (``hook_attn_out`` is ``ls1(proj(z))``), so per-head results sum to the attention output."""
+        block = self.get_submodule(site.z_hook.rsplit(".", 2)[0])
+        proj, gamma = block.attn.proj, block.ls1.gamma
+        folded = nn.Linear(proj.in_features, proj.out_features, bias=proj.bias is not None).to(proj.weight)
+        with torch.no_grad():
+            folded.weight.copy_(proj.weight * gamma[:, None])
+            if proj.bias is not None:
+                folded.bias.copy_(proj.bias * gamma)
+        return folded
+
+    def resid_norm(self, view: int, layer: int | None = None, kind: str | None = None) -> nn.Module:
+        """``norm1`` (before attention) / ``norm2`` (before the MLP) of aggregator layer ``layer``
+        (frame block ``layer // 2`` or global block ``layer // 2``). There is no single final norm:
+        the heads read frame- and global-block outputs concatenated through their own norm."""
+        if layer is None:
+            raise NotImplementedError("VGGT's heads read the concatenation of a frame- and a global-block output "
+                                      "through the DPT's own norm, not one normed residual")
+        which = self.aggregator.frame_blocks if layer % 2 == 0 else self.aggregator.global_blocks
+        return which[layer // 2].norm2 if kind == "mlp" else which[layer // 2].norm1
+
+    def head_input_hook(self, view: int) -> str:
+        raise NotImplementedError("VGGT's heads read four concatenated frame/global layer pairs, not one residual")
+
     # -- lenses -------------------------------------------------------------------------
     def pointmap_lens(self, site: ProbeSite, tokens: Tensor, grid: tuple[int, int]) -> dict[str, Tensor]:
         """The point head applied to one frame's intermediate state (the 3D logit lens).

@@ -14,6 +14,7 @@ Every intervention is a frozen dataclass that round-trips JSON and runs through 
 See ``docs/interventions.md`` for the CLI (``mv-interp intervene`` / ``mv-interp patch``).
 """
 
+from .attribution import PointmapAttribution, attribution_patching, direct_pointmap_attribution
 from .means import MeanActivations, compute_means, head_means
 from .metrics import distance_to, pointmap_distance, scale_invariant_pointmap_distance
 from .patching import PatchingSweep, patching_sweep, read_clean_nnsight, run_patched, sweep_cells
@@ -33,7 +34,8 @@ from .specs import (
 from .tokens import Tokens, top_attended_keys, top_attended_mask
 
 __all__ = [
-    "ActivationPatch", "AttentionKnockout", "Composite", "Edit", "HeadAblation", "Intervention", "MeanActivations",
+    "ActivationPatch", "AttentionKnockout", "PointmapAttribution", "attribution_patching",
+    "direct_pointmap_attribution", "Composite", "Edit", "HeadAblation", "Intervention", "MeanActivations",
     "PatchingSweep", "Tokens", "compute_means", "distance_to", "head_means", "load_spec", "patching_sweep",
     "pointmap_distance", "read_clean_nnsight", "read_source_nnsight", "register_intervention", "run_patched",
     "scale_invariant_pointmap_distance", "spec_from_dict", "spec_from_json", "sweep_cells", "top_attended_keys",

@@ -205,8 +205,9 @@ def register(sub: Any) -> None:
     p.add_argument("--metric", choices=("distance", "scale_invariant"), default="distance",
                    help="pointmap distance to the clean run, normalised clean=0 / corrupted=1 (default: %(default)s)")
     p.add_argument("--metric-views", nargs="+", type=int, default=None, help="views the metric reads (default: all)")
-    p.add_argument("--method", choices=("hooks", "traces", "invokes"), default="hooks",
-                   help="cache + hooks, two nnsight traces, or one trace with two invokes (default: %(default)s)")
+    p.add_argument("--method", choices=("hooks", "traces", "invokes", "attribution"), default="hooks",
+                   help="cache + hooks, two nnsight traces, one trace with two invokes, or the first-order "
+                        "estimate from two forwards and one backward (default: %(default)s)")
     add_long_side_arg(p)
     p.add_argument("--out", default="mv_interp_out/patch", help="output folder (default: %(default)s)")
     p.set_defaults(func=_patch)

@@ -210,7 +210,8 @@ class PatchingSweep:
                     _annotate(ax, panel, vmin, vmax)
             fig.colorbar(im, ax=axes, label=label)
         scale = "; 0 = clean output restored, 1 = as corrupted" if self.normalized else ""
-        fig.suptitle(title or f"activation patching per {self.per}{scale}", fontsize=10)
+        what = "attribution patching (first-order estimate)" if self.method == "attribution" else "activation patching"
+        fig.suptitle(title or f"{what} per {self.per}{scale}", fontsize=10)
         return atomic_write(path, lambda p: fig.savefig(p, format="png", bbox_inches="tight"))
 
 
@@ -251,7 +252,7 @@ def sweep_cells(model: Any, per: str = "site", *, stack: str = "dec", kinds: Seq
     module = hooked_module(model)
     entries: list[tuple[str, int, str, int]] = []  # (row label, layer, hook, view)
     if per in ("site", "position"):
-        all_sites = module.probe_sites(encoder_blocks=stack == "enc", sublayers=sublayers)
+        all_sites = module.probe_sites(encoder_blocks=stack == "enc", sublayers=sublayers, n_views=n_views)
         stacks = sorted({s.stack for s in all_sites})
         if stack not in stacks:
             raise ValueError(f"stack={stack!r} has no sites; valid stacks: {stacks}")
@@ -334,7 +335,14 @@ def patching_sweep(model: Any, clean: Sequence[Any], corrupted: Sequence[Any], *
     (:func:`~mv_interp.interventions.metrics.distance_to`). With ``normalize``, values are
     ``(m - m_clean) / (m_corrupted - m_clean)``: 0 where patching restores the clean output, 1 where it
     does nothing. One forward per cell (two with ``method="invokes"``, which also re-runs the clean pair).
+    ``method="attribution"``: the first-order estimate of every cell from two forwards and one backward
+    (:func:`~mv_interp.interventions.attribution.attribution_patching`).
     """
+    if method == "attribution":
+        from .attribution import attribution_patching
+
+        return attribution_patching(model, clean, corrupted, per=per, metric=metric, normalize=normalize, stack=stack,
+                                    kinds=kinds, views=views, layers=layers, sublayers=sublayers, n_views=n_views)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     clean, corrupted = _views(clean, "clean"), _views(corrupted, "corrupted")
