@@ -5,7 +5,10 @@ DUSt3R-224 (ViT-L encoder, ViT-B decoders, linear head) at full size with random
 
 * ``stripped`` — every HookPoint replaced by a plain Python identity (no module call);
 * ``hooked``   — the HookedDUSt3R module as shipped, no hook registered;
-* ``nnsight``  — the same module wrapped in nnsight (``MVModel.forward``), called outside a trace.
+* ``nnsight``  — the same module wrapped in nnsight (``MVModel.forward``), called outside a trace;
+* ``hooked, identity HookPoint`` — the module with every HookPoint's forward a bare identity, as
+  before the fast capture's sink check (``if self._sink is not None``) was added: the before/after
+  of that change, timed in the same run.
 
     python benchmarks/bench_hooks.py [--device cpu|cuda] [--repeats 15]
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import sys
 import time
@@ -47,6 +51,19 @@ def strip_hooks(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+class _IdentityHookPoint(HookPoint):
+    """A HookPoint as it was before the fast capture (forward is a bare identity)."""
+
+    def forward(self, x):
+        return x
+
+
+def identity_hook_points(model: torch.nn.Module) -> torch.nn.Module:
+    for hp in model.hook_dict.values():
+        hp.__class__ = _IdentityHookPoint
+    return model
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -69,7 +86,8 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     img1, img2 = (torch.rand(1, 3, H, W, generator=g).mul(2).sub(1).to(args.device) for _ in range(2))
 
-    variants = {"stripped": stripped, "hooked": hooked, "nnsight": wrapped.forward}
+    before = identity_hook_points(copy.deepcopy(hooked))
+    variants = {"stripped": stripped, "hooked": hooked, "nnsight": wrapped.forward, "hooked, identity HookPoint": before}
     times: dict[str, list[float]] = {k: [] for k in variants}
     with torch.inference_mode():
         ref = stripped(img1, img2)[1]["pts3d"]
@@ -94,7 +112,9 @@ def main() -> None:
     print(table)
     body = (
         f"DUSt3R {args.config} at full size (random weights), {n_hooks} hook points, one {H}×{W} pair, fp32, "
-        f"device {args.device}, median of {args.repeats} interleaved runs. Target: `hooked` within 3 % of `stripped`.\n\n"
+        f"device {args.device}, median of {args.repeats} interleaved runs. Target: `hooked` within 3 % of `stripped`; "
+        "`hooked, identity HookPoint` is the hooked path before the fast capture (the before/after of that change)."
+        + (f" Load average at the end: {os.getloadavg()[0]:.1f}." if hasattr(os, "getloadavg") else "") + "\n\n"
         + table
     )
     record(f"Hook overhead ({args.device})", body, f"python benchmarks/bench_hooks.py --device {args.device} --repeats {args.repeats}")

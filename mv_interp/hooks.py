@@ -40,8 +40,14 @@ class HookPoint(nn.Module):
         self.name: str | None = None
         self._watchers: list[Callable[[HookPoint], bool]] = []
         self._permanent: set[int] = set()
+        #: where :meth:`HookedRootModule.capture` records this point's value (``None``: not recording)
+        self._sink: dict[str, Tensor] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
+        # A sink is a plain dict store: no hook dispatch, no copy, no cast, no host sync, and
+        # torch.compile traces it (a dict write) where it cannot trace a Python forward hook.
+        if self._sink is not None:
+            self._sink[self.name] = x
         return x
 
     def add_hook(self, hook: HookFn, dir: str = "fwd", is_permanent: bool = False):
@@ -91,7 +97,7 @@ class HookPoint(nn.Module):
         Models use this to choose between a fused kernel (SDPA) and the explicit path
         that materialises the attention scores and pattern.
         """
-        if self._forward_hooks:
+        if self._forward_hooks or self._sink is not None:
             return True
         return any(w(self) for w in self._watchers)
 
@@ -260,21 +266,52 @@ class HookedRootModule(nn.Module):
             from .cache import run_with_cache_and_grads
 
             return run_with_cache_and_grads(self, args, kwargs, names_filter, metric, device)
-        store: dict[str, Tensor] = {}
+        names = self._resolve(names_filter)
+        # points with a torch hook record through a hook (after the edits of hooks registered
+        # before); the others through the fast sink, which sees the same value; both write into
+        # one dict, so the cache keeps the execution order. With ``device`` every value moves as it
+        # is made (through a hook), so the model's device never holds the whole cache.
+        hooked = [n for n in names if device is not None or self.hook_dict[n]._forward_hooks]
+        fast = [n for n in names if n not in set(hooked)]
+        seen: dict[str, Tensor] = {}
 
         def save(x: Tensor, hook: HookPoint) -> None:
             y = x.detach() if detach else x
-            store[hook.name] = y.to(device) if device is not None else y
+            seen[hook.name] = y.to(device) if device is not None else y
 
-        names = self._resolve(names_filter)
-        with self.hooks([(n, save) for n in names]):
-            out = self(*args, **kwargs)
+        with self.hooks([(n, save) for n in hooked]):
+            out, _ = self.capture(*args, names=fast, into=seen, **kwargs)
+        store = {name: (x.detach() if detach and name in fast else x) for name, x in seen.items()}
         return out, self._make_cache(store, args)
 
     def _make_cache(self, store: dict[str, Tensor], args: Sequence[Any]) -> ActivationCache:
         views = [a for a in args if isinstance(a, Tensor)]
         return ActivationCache(store, getattr(self, "act_name", None), model=self,
                                batch_size=views[0].shape[0] if views else None, n_views=len(views) or None)
+
+    def capture(self, *args: Any, names: Sequence[str], into: dict[str, Tensor] | None = None,
+                **kwargs: Any) -> tuple[Any, dict[str, Tensor]]:
+        """Run the model and return ``(output, {hook name: activation})`` for the hook points ``names``.
+
+        The fast capture used by probe training, evaluation and head scoring: each point stores a
+        reference to its activation (nothing is copied, cast, detached or synchronised), and the
+        run takes the model's compiled fast path when one is enabled (:meth:`enable_compile`).
+        A value is what enters the hook point, i.e. before the edits of any torch hook on it.
+        ``into``: the dict to record into (default: a new one), returned as the second item.
+
+        >>> out, acts = model.capture(img1, img2, names=["dec_blocks2.1.hook_resid_post"])
+        """
+        points = [self.hook_dict[n] for n in names]
+        store: dict[str, Tensor] = {} if into is None else into
+        try:
+            for hp in points:
+                hp._sink = store
+            fast = self.__dict__.get("_fast_path")
+            out = fast(*args, **kwargs) if fast is not None else self(*args, **kwargs)
+        finally:
+            for hp in points:
+                hp._sink = None
+        return out, store
 
     # -- introspection ------------------------------------------------------------
     def record_hook_order(self, *args: Any, **kwargs: Any) -> list[tuple[str, tuple[int, ...]]]:

@@ -83,7 +83,9 @@ class RoPE2D(nn.Module):
         self._cache: dict[tuple, tuple[Tensor, Tensor]] = {}
 
     def tables(self, pos: Int[Tensor, "pos 2"], d_head: int) -> tuple[Tensor, Tensor]:
-        if _is_fake(pos):  # shape inference (model.scan / hook_shapes): no values to key a cache on
+        if torch.compiler.is_compiling() or _is_fake(pos):
+            # compiled: the key would read tensor values (a graph break); the tables fold into the graph.
+            # Shape inference (model.scan / hook_shapes): no values to key a cache on
             return rope2d_cos_sin(pos, d_head, self.base)
         key = (pos.device, d_head, tuple(pos.shape), int(pos[:, 0].max()), int(pos[:, 1].max()), int(pos.sum()))
         hit = self._cache.get(key)

@@ -24,6 +24,9 @@ Reads inside a trace must follow execution order (``model.hook_names()``).
 
 from __future__ import annotations
 
+import inspect
+import time
+import types
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
@@ -163,8 +166,14 @@ class MVModel(NNsight):
         return self._module.config
 
     def forward(self, *views: Any, **kwargs: Any) -> Any:
-        """Plain forward (no trace): per-view output dicts."""
-        return self._module(*_as_views(views, self._module), **kwargs)
+        """Plain forward (no trace): per-view output dicts (compiled when :func:`enable_compile` was called
+        and no hook is active)."""
+        fast = self._module.__dict__.get("_fast_path")
+        return (fast or self._module)(*_as_views(views, self._module), **kwargs)
+
+    def enable_compile(self, enabled: bool = True, **compile_kwargs: Any) -> FastPath | None:
+        """See :func:`enable_compile`."""
+        return enable_compile(self, enabled, **compile_kwargs)
 
     # -- TransformerLens-style API --------------------------------------------------------
     def _refuse_inside_nnsight(self, what: str) -> None:
@@ -308,6 +317,95 @@ def _nnsight_watcher(interleaver_ref: weakref.ref, path: str):
         return any(loc in interleaver.parked or loc in interleaver.observers for loc in locations)
 
     return watching
+
+
+class FastPath:
+    """The compiled forward of a hooked module, taken only while no hook needs the eager path.
+
+    ``torch.compile`` traces the forward with every idle hook point compiled away; the fast
+    capture's sinks (:meth:`~mv_interp.hooks.HookedRootModule.capture`) are traced too, so the
+    cached-sites forward of probe training and evaluation runs compiled as well. A torch hook on
+    any module, an nnsight trace, ``force_eager`` attention or a grad-enabled call falls back to the
+    eager hooked module, the reference: a compiled graph never silently skips a hook.
+
+    ``compile_seconds`` records the first call (compilation included) of each input signature.
+    Made by :func:`enable_compile`; there is no global switch.
+    """
+
+    def __init__(self, module: MultiViewModel, **compile_kwargs: Any) -> None:
+        self._module = weakref.ref(module)
+        self._modules = list(module.modules())
+        self._points = list(module.hook_dict.values())
+        # the undecorated forward: runtime shape checks (jaxtyping under pytest) do not trace
+        forward = types.MethodType(inspect.unwrap(type(module).forward), module)
+        self._compiled = torch.compile(forward, **compile_kwargs)
+        self.compile_kwargs = dict(compile_kwargs)
+        self.compile_seconds: dict[str, float] = {}
+        self.calls = {"compiled": 0, "eager": 0}
+
+    def eager_reason(self) -> str | None:
+        """Why the next call must run eagerly (``None``: it can run compiled)."""
+        from torch.nn.modules import module as nn_module
+
+        if torch.is_grad_enabled():
+            return "gradients are enabled (the fast path serves frozen forwards)"
+        if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+            return "a global module hook is registered"
+        for m in self._modules:
+            if m._forward_hooks or m._forward_pre_hooks or getattr(m, "force_eager", False):
+                return f"module {type(m).__name__} has a hook (or force_eager)"
+        for hp in self._points:
+            if any(w(hp) for w in hp._watchers):
+                return f"nnsight reads or edits {hp.name}"
+        return None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        module = self._module()
+        if module is None or self.eager_reason() is not None:
+            self.calls["eager"] += 1
+            return module(*args, **kwargs)
+        self.calls["compiled"] += 1
+        key = _signature(args, kwargs, [hp.name for hp in self._points if hp._sink is not None])
+        if key in self.compile_seconds:
+            return self._compiled(*args, **kwargs)
+        t0 = time.perf_counter()
+        out = self._compiled(*args, **kwargs)
+        if any(isinstance(a, Tensor) and a.is_cuda for a in args):
+            torch.cuda.synchronize()
+        self.compile_seconds[key] = time.perf_counter() - t0
+        return out
+
+    def __repr__(self) -> str:
+        return f"FastPath(calls={self.calls}, compiled signatures={len(self.compile_seconds)})"
+
+
+def _signature(args: Sequence[Any], kwargs: dict, sinks: list[str]) -> str:
+    parts = [f"{tuple(a.shape)}:{a.dtype}:{a.device}" for a in args if isinstance(a, Tensor)]
+    device = next((a.device.type for a in args if isinstance(a, Tensor)), "cpu")
+    amp = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    return f"{parts} amp={amp} kwargs={sorted(kwargs)} capture={len(sinks)}"
+
+
+def enable_compile(model: Any, enabled: bool = True, **compile_kwargs: Any) -> FastPath | None:
+    """Give ``model`` (an :class:`MVModel` or hooked module) a compiled fast path, or remove it.
+
+    Forwards through :meth:`MVModel.forward`, :meth:`~mv_interp.hooks.HookedRootModule.capture`
+    and ``run_with_cache`` (hence probe training, evaluation and the report) then run compiled
+    whenever no hook is active; the eager hooked path stays the reference and serves every call
+    with a hook. ``compile_kwargs`` go to ``torch.compile`` (e.g. ``mode="max-autotune"``).
+    Returns the :class:`FastPath` (its ``compile_seconds`` hold the first-call times).
+
+    >>> fast = enable_compile(model)                  # off by default; CPU compiles slowly
+    >>> probes = train_probes(model, TrainConfig(steps=2000))
+    >>> fast.compile_seconds, fast.calls
+    """
+    module = model._module if isinstance(model, MVModel) else model
+    if not enabled:
+        module.__dict__.pop("_fast_path", None)
+        return None
+    fast = FastPath(module, **compile_kwargs)
+    module.__dict__["_fast_path"] = fast  # a plain attribute: not a submodule, not in the state dict
+    return fast
 
 
 def wrap(module: MultiViewModel) -> MVModel:

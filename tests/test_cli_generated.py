@@ -85,9 +85,9 @@ def test_every_report_config_field_is_reachable(tmp_path):
     (tmp_path / "r.json").write_text(json.dumps({"pairs": 20, "knockout_k": 4, "seed": 1}))
     a = parser.parse_args(["report", "--fast", "--config", str(tmp_path / "r.json"), "--set", "knockout_k=3",
                            "--seed", "2", "--no-control"])
-    from mv_interp.report._cli import _config
+    from mv_interp.report._cli import config_from_args as report_config
 
-    cfg = _config(a, opts)
+    cfg = report_config(a)
     assert (cfg.pairs, cfg.knockout_k, cfg.seed, cfg.control, cfg.probe_steps) == (20, 3, 2, False,
                                                                                     PRESETS["fast"].probe_steps)
 

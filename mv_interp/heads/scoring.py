@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
+from .. import distributed as D
 from ..adapters.base import AttentionSite, ConfigMixin, MultiViewModel, ProbeSite, pattern_blocks, view_tokens
 from .targets import Correspondence, centre_distance, correspondence_targets, grid_distance
 
@@ -605,7 +606,7 @@ class HeadScorer:
     def _norm_hook(sites: list[ProbeSite], n_views: int, norms: dict):
         def hook(act: Tensor, hook) -> None:
             for ps in sites:
-                norms[ps.name] = torch.linalg.vector_norm(view_tokens(act, ps, n_views).float(), dim=-1)
+                norms[ps.name] = torch.linalg.vector_norm(view_tokens(act, ps, n_views), dim=-1, dtype=torch.float32)
             return None
 
         return hook
@@ -628,6 +629,27 @@ class HeadScorer:
             acc["register_norm_samples"] = acc.get("register_norm_samples", 0) + count
 
     # -- results and resuming -------------------------------------------------------------
+    def reduce_ranks(self) -> None:
+        """Under ``torch.distributed``: add up every rank's sums and counts (all ranks then hold the
+        totals of all the batches scored). A no-op in one process."""
+        if not D.active():
+            return
+        parts = D.gather_objects((self._state_cpu(), self.n_pairs, self.n_pairs_with_geometry, self.n_batches))
+        device = self.module.device
+        total: dict = {}
+        for sums, *_ in parts:
+            for key, named in sums.items():
+                acc = total.setdefault(key, {})
+                for name, t in named.items():
+                    acc[name] = acc[name] + t if name in acc else t.clone()
+        self.sums = {k: {n: t.to(device) for n, t in v.items()} for k, v in total.items()}
+        self.n_pairs, self.n_pairs_with_geometry, self.n_batches = (sum(p[i] for p in parts) for i in (1, 2, 3))
+        if self.units is None or not self.units:
+            raise ValueError("HeadScorer.reduce_ranks: a rank scored no batch; give at least one batch per rank")
+
+    def _state_cpu(self) -> dict:
+        return {k: {n: t.detach().cpu() for n, t in v.items()} for k, v in self.sums.items()}
+
     def result(self, model_name: str | None = None):
         from .result import HeadScores
 
@@ -635,7 +657,7 @@ class HeadScorer:
             raise ValueError("HeadScorer.result: no batch was scored; call update(batch) first (is the data empty?)")
         return HeadScores(
             units=list(self.units.values()),
-            sums={k: {n: t.detach().cpu() for n, t in v.items()} for k, v in self.sums.items()},
+            sums=self._state_cpu(),
             config=self.config,
             thresholds_px=self.thresholds,
             n_pairs=self.n_pairs,
@@ -714,6 +736,9 @@ def score_heads(
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, desc="scoring heads", unit="batch")
-    for batch in batches:
-        scorer.update(batch)
+    W, rank = D.world_size(), D.rank()
+    for i, batch in enumerate(batches):
+        if i % W == rank:  # under torchrun each rank scores every W-th batch
+            scorer.update(batch)
+    scorer.reduce_ranks()
     return scorer.result()

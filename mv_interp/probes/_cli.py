@@ -38,22 +38,33 @@ def _data(args: argparse.Namespace, model, seed: int):
     return open_pairs(args.data, tuple(model.config.img_size), seed)
 
 
+def _join_ranks(args: argparse.Namespace) -> None:
+    """Under ``torchrun``: join the process group, each rank on its own GPU (docs/scale.md)."""
+    from .. import distributed as D
+
+    if D.init_from_env(args.device):
+        args.device = str(D.local_device(args.device))
+
+
 def _train(args: argparse.Namespace) -> int:
+    from .. import distributed as D
+    from ..configs import config_from_args
     from .config import TrainConfig
     from .train import train_probes
 
-    from ..configs import config_from_args
-
+    _join_ranks(args)
     model = load_from_args(args)
     out = Path(args.out)
     cfg = config_from_args(args, args.train_options, TrainConfig(), extra={"probes": _specs(args)})
     runs = [("probes", cfg)]
     if args.control:
         runs.append(("control", cfg.replace(backbone="random")))
+    say = print if D.is_main() else (lambda *a: None)
     for name, c in runs:
-        print(f"training {name}: {', '.join(s.name for s in c.probes)} probes, {c.steps} steps → {out / name}")
+        say(f"training {name}: {', '.join(s.name for s in c.probes)} probes, {c.steps} steps → {out / name}"
+            + (f" on {D.world_size()} ranks" if D.world_size() > 1 else ""))
         probes = train_probes(model, c, out / name, data=_data(args, model, c.data_seed), progress=not args.quiet)
-        print(f"  {len(probes.sites)} sites, {len(probes.locations)} locations; saved {out / name}")
+        say(f"  {len(probes.sites)} sites, {len(probes.locations)} locations; saved {out / name}")
     return 0
 
 
@@ -71,6 +82,7 @@ def _eval(args: argparse.Namespace) -> int:
     from .probeset import ProbeSet
     from .views import plot_contributions, plot_curves
 
+    _join_ranks(args)
     model = load_from_args(args)
     probes_dir, control_dir = _resolve_runs(args.probes, args.control) if args.probes else (None, None)
     probes = ProbeSet.load(probes_dir, device=args.device) if probes_dir else None
@@ -79,6 +91,10 @@ def _eval(args: argparse.Namespace) -> int:
     views = eval_pairs(model, args.pairs, seed=args.eval_seed) if data is None else data.pairs(args.pairs)
     table = evaluate_probes(model, probes, views, control=control, lens=not args.no_lens, batch_size=args.batch_size,
                             progress=not args.quiet)
+    from .. import distributed as D
+
+    if not D.is_main():  # every rank holds the whole table; rank 0 writes it
+        return 0
     files = table.write(args.out)
     files["curves"] = plot_curves(table, Path(args.out) / "curves.png")
     if table.contributions:

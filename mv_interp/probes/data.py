@@ -8,6 +8,9 @@ the data format (``img``, ``pts3d``, ``valid``, ``depth`` … see :mod:`mv_inter
 from __future__ import annotations
 
 import os
+import queue
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -55,6 +58,12 @@ class SyntheticSource:
         from ..data import render_views
 
         return render_views(batch_size, self.config, seed=self.seed + step * batch_size, device=device)
+
+    def batch_slice(self, step: int, batch_size: int, start: int, stop: int, device: Any = "cpu") -> Batch:
+        """Pairs ``start:stop`` of :meth:`batch` ``(step, batch_size)``, rendered alone (a rank's shard)."""
+        from ..data import render_views
+
+        return render_views(stop - start, self.config, seed=self.seed + step * batch_size + start, device=device)
 
     def pairs(self, n: int, device: Any = "cpu") -> Batch:
         """The first ``n`` pairs (scenes ``seed … seed + n − 1``) as one batch."""
@@ -106,6 +115,10 @@ class DatasetSource:
 
     def batch(self, step: int, batch_size: int, device: Any = "cpu") -> Batch:
         return self._items(self._indices(step, batch_size), device)
+
+    def batch_slice(self, step: int, batch_size: int, start: int, stop: int, device: Any = "cpu") -> Batch:
+        """Pairs ``start:stop`` of :meth:`batch` ``(step, batch_size)`` (a rank's shard)."""
+        return self._items(self._indices(step, batch_size)[start:stop], device)
 
     def pairs(self, n: int | None = None, device: Any = "cpu") -> Batch:
         """The first ``n`` items (all when None), in order, as one batch (for evaluation)."""
@@ -196,3 +209,87 @@ def slice_batch(views: Batch, start: int, stop: int) -> Batch:
 
 def batch_size_of(views: Batch) -> int:
     return int(views[0]["img"].shape[0])
+
+
+def shard_batch(source: PairSource, step: int, batch_size: int, device: Any, start: int, stop: int) -> Batch:
+    """Pairs ``start:stop`` of the batch of ``step``: a rank's shard, rendered or read on its own
+    (sources with ``batch_slice``); other sources make the whole batch and slice it."""
+    if start == 0 and stop == batch_size:
+        return source.batch(step, batch_size, device)
+    part = getattr(source, "batch_slice", None)
+    if part is not None:
+        return part(step, batch_size, start, stop, device)
+    return slice_batch(source.batch(step, batch_size, device), start, stop)
+
+
+class Prefetcher:
+    """Makes the batches of steps ``first … last − 1`` ahead of use in a background thread.
+
+    The backbone never waits for data while the worker keeps up: ``depth`` batches are made
+    ahead. On CUDA the worker renders on its own stream and the consumer's stream waits for
+    that batch only. ``stall_s`` is the total time :meth:`get` blocked (the data stall of the run);
+    an exception in the worker is raised by the :meth:`get` of that step.
+
+    >>> with Prefetcher(lambda s: source.batch(s, 8, "cuda"), 0, 100, "cuda") as batches:
+    ...     views = batches.get(0)
+    """
+
+    def __init__(self, make: Any, first: int, last: int, device: Any, depth: int = 2):
+        self.make, self.first, self.last = make, first, last
+        self.device = torch.device(device)
+        self.stall_s = 0.0
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, name="mv_interp-prefetch", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        for step in range(self.first, self.last):
+            if self._stop.is_set():
+                return
+            try:
+                if stream is not None:
+                    with torch.cuda.stream(stream):
+                        views = self.make(step)
+                        event = torch.cuda.Event()
+                        event.record(stream)
+                else:
+                    views, event = self.make(step), None
+                item = (step, views, event, None)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer, with its traceback
+                item = (step, None, None, exc)
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:  # the consumer is busy: check for close() and retry
+                    continue
+            if item[3] is not None:
+                return
+
+    def get(self, step: int) -> Batch:
+        t0 = time.perf_counter()
+        got, views, event, exc = self._queue.get()
+        self.stall_s += time.perf_counter() - t0
+        if exc is not None:
+            raise exc
+        if got != step:
+            raise RuntimeError(f"prefetcher out of order: asked for step {step}, got {got}")
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+            for view in views:
+                for t in view.values():
+                    if isinstance(t, Tensor) and t.is_cuda:
+                        t.record_stream(torch.cuda.current_stream(self.device))
+        return views
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> Prefetcher:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import distributed as D
 from .. import metrics as M
 from ..loading import atomic_write
 from .data import EVAL_SEED, Batch, SyntheticSource, batch_size_of, check_batch, slice_batch
@@ -206,35 +207,67 @@ def eval_pairs(model: Any, n: int = 64, seed: int = EVAL_SEED, device: Any = Non
     return SyntheticSource(tuple(module.config.img_size), seed=seed, scene=scene).pairs(n, device or module.device)
 
 
-def _synthetic_batches(module, n: int, batch_size: int) -> Iterable[Batch]:
-    """The pairs of :func:`eval_pairs` ``(n)``, rendered one batch at a time (memory stays flat)."""
+def _synthetic_batches(module, n: int, batch_size: int) -> Iterable[Batch | None]:
+    """The pairs of :func:`eval_pairs` ``(n)``, rendered one batch at a time (memory stays flat);
+    under ``torch.distributed`` each rank renders only its batches (``None`` for the others')."""
     from ..data import render_views
 
     config = SyntheticSource(tuple(module.config.img_size), seed=EVAL_SEED).config
-    for start in range(0, n, batch_size):
-        yield render_views(min(batch_size, n - start), config, seed=EVAL_SEED + start, device=module.device)
+    W, rank = D.world_size(), D.rank()
+    for i, start in enumerate(range(0, n, batch_size)):
+        yield render_views(min(batch_size, n - start), config, seed=EVAL_SEED + start, device=module.device) \
+            if i % W == rank else None
 
 
-def _batches(data: Any, batch_size: int, need: Sequence[str]) -> Iterable[Batch]:
+def _batches(data: Any, batch_size: int, need: Sequence[str]) -> Iterable[Batch | None]:
+    """The batches of ``data``; under ``torch.distributed`` batch ``i`` goes to rank ``i mod W``
+    (``None`` in its place on the others)."""
+    W, rank = D.world_size(), D.rank()
     if isinstance(data, (list, tuple)) and data and isinstance(data[0], dict):
         check_batch(list(data), need)
         n = batch_size_of(list(data))
-        for i in range(0, n, batch_size):
-            yield slice_batch(list(data), i, i + batch_size)
+        for j, i in enumerate(range(0, n, batch_size)):
+            yield slice_batch(list(data), i, i + batch_size) if j % W == rank else None
     else:
-        for batch in data:
-            check_batch(batch, need)
-            yield batch
+        for j, batch in enumerate(data):
+            if batch is not None and j % W == rank:
+                check_batch(batch, need)
+                yield batch
+            else:
+                yield None
 
 
 class _Accumulator:
+    """Per-pair metric values, batch by batch (``batch`` counts the batches seen, this rank's or not)."""
+
     def __init__(self):
         self.values: dict[str, dict[str, dict[str, list[np.ndarray]]]] = {}
+        self.batch = 0
+        self.batches: list[int] = []  # global index of each batch this rank added
+
+    def skip(self) -> None:
+        self.batch += 1
 
     def add(self, method: str, loc: str, metrics: Mapping[str, Tensor]) -> None:
         slot = self.values.setdefault(method, {}).setdefault(loc, {})
         for k, v in metrics.items():
             slot.setdefault(k, []).append(v.detach().float().cpu().numpy())
+
+    def next_batch(self) -> None:
+        self.batches.append(self.batch)
+        self.batch += 1
+
+    def merge_ranks(self) -> None:
+        """Every rank's values, in the global batch order (what one process would hold)."""
+        parts = D.gather_objects((self.values, self.batches))
+        merged: dict = {}
+        for values, batches in parts:
+            for m, locs in values.items():
+                for loc, ms in locs.items():
+                    for k, arrays in ms.items():
+                        merged.setdefault(m, {}).setdefault(loc, {}).setdefault(k, []).extend(zip(batches, arrays))
+        self.values = {m: {loc: {k: [a for _, a in sorted(v, key=lambda x: x[0])] for k, v in ms.items()}
+                           for loc, ms in locs.items()} for m, locs in merged.items()}
 
     def result(self) -> dict[str, dict[str, dict[str, np.ndarray]]]:
         return {m: {loc: {k: np.concatenate(v) for k, v in ms.items()} for loc, ms in locs.items()}
@@ -264,8 +297,8 @@ def _add_metrics(acc: _Accumulator, method: str, target: str, out: Mapping[str, 
 
 def _run(module, sites, views, n_views):
     imgs = [v["img"] for v in views]
-    _, cache = module.run_with_cache(*imgs, names_filter=sorted({s.hook for s in sites}))
-    return read_tokens(cache, sites, n_views)
+    _, acts = module.capture(*imgs, names=sorted({s.hook for s in sites}))
+    return read_tokens(acts, sites, n_views)
 
 
 @torch.no_grad()
@@ -308,6 +341,9 @@ def evaluate_probes(model: Any, probes: ProbeSet | None = None, data: Any = 64, 
     if any(s.target == "depth" for p in (probes, control) if p is not None for s in p.specs):
         need.append("depth")
     for views in tqdm(_batches(data, batch_size, need), disable=not progress, desc="eval", unit="batch"):
+        if views is None:  # another rank's batch
+            acc.skip()
+            continue
         views = [{k: v.to(module.device) for k, v in view.items()} for view in views]
         n_pairs += batch_size_of(views)
         grid = (views[0]["img"].shape[-2] // module.patch_size, views[0]["img"].shape[-1] // module.patch_size)
@@ -325,6 +361,10 @@ def evaluate_probes(model: Any, probes: ProbeSet | None = None, data: Any = 64, 
                 methods[CONTROL_PREFIX + spec.name] = (spec.target, out[spec.name])
         for method, (target, out) in methods.items():
             _add_metrics(acc, method, target, out, locations, views)
+        acc.next_batch()
+    if D.active():
+        acc.merge_ranks()
+        n_pairs = sum(D.gather_objects(n_pairs))
     per_pair = acc.result()
     columns = _metric_columns(n_views)
     rows = []

@@ -12,7 +12,9 @@ normalisation factors stay per item (per location and pair).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from jaxtyping import Bool, Float
@@ -55,6 +57,38 @@ def _repeat(x: Tensor, n: int) -> Tensor:
     return x.repeat(n, *([1] * (x.ndim - 1)))
 
 
+Gather = Callable[[int, str], Tensor]
+
+
+def _kind_loss(spec: ProbeSpec, terms: Sequence[tuple[tuple[int, ...], int, Gather]],
+               views: Sequence[Mapping[str, Tensor]], alpha: float, n_locations: int,
+               logs: dict) -> Tensor:
+    """Σ over location groups of ``L ×`` the pooled loss of the group's ``L`` locations.
+
+    Each term is ``(views, L, gather)``; ``gather(v, field)`` is the ``[L·batch, H, W(, 3)]``
+    prediction of view ``v`` for the group's locations, location-major.
+    """
+    kind_total = torch.zeros((), device=views[0]["img"].device)
+    for vs, L, gather in terms:
+        gts = [views[v - 1] for v in vs]
+        if spec.target == "pointmap":
+            loss, parts = confidence_loss([gather(v, "pts3d") for v in vs], [gather(v, "conf") for v in vs],
+                                          [_repeat(g["pts3d"], L) for g in gts],
+                                          [_repeat(g["valid"], L) for g in gts], alpha=alpha)
+            # Σ_v mean ℓ^v, averaged over locations: the geometry fit without the confidence terms
+            logs[f"{spec.name}_regr"] = logs.get(f"{spec.name}_regr", 0) + parts["regr"] * L / n_locations
+        else:
+            missing = [v for v, g in zip(vs, gts) if "depth" not in g]
+            if missing:
+                raise ValueError(f"depth probes need 'depth' in every view; views {missing} lack it")
+            loss = depth_confidence_loss([gather(v, "depth") for v in vs], [gather(v, "conf") for v in vs],
+                                         [_repeat(g["depth"], L) for g in gts],
+                                         [_repeat(g["valid"], L) for g in gts], alpha=alpha)
+        kind_total = kind_total + L * loss
+    logs[spec.name] = kind_total.detach()
+    return kind_total
+
+
 def probe_loss(
     outputs: Mapping[str, Mapping[str, Mapping[str, Tensor]]],
     locations: Sequence[Location],
@@ -69,34 +103,64 @@ def probe_loss(
     and, for pointmap kinds, ``<kind>_regr``: the plain regression term ``Σ_v mean ℓ^v`` averaged
     over locations (the geometry fit, without the confidence terms).
     """
+    # locations with the same set of views fold into one call
+    by_views: dict[tuple[int, ...], list[Location]] = {}
+    for loc in locations:
+        by_views.setdefault(loc.views, []).append(loc)
     total = torch.zeros((), device=views[0]["img"].device)
     logs: dict[str, Tensor] = {}
     for spec in specs:
         out = outputs[spec.name]
-        # locations with the same set of views fold into one call
-        by_views: dict[tuple[int, ...], list[Location]] = {}
-        for loc in locations:
-            by_views.setdefault(loc.views, []).append(loc)
-        kind_total = torch.zeros((), device=total.device)
-        for vs, locs in by_views.items():
-            L = len(locs)
-            gts = [views[v - 1] for v in vs]
-            if spec.target == "pointmap":
-                pred = [torch.cat([out[loc.site(v).name]["pts3d"] for loc in locs]) for v in vs]
-                conf = [torch.cat([out[loc.site(v).name]["conf"] for loc in locs]) for v in vs]
-                loss, parts = confidence_loss(pred, conf, [_repeat(g["pts3d"], L) for g in gts],
-                                              [_repeat(g["valid"], L) for g in gts], alpha=alpha)
-                # Σ_v mean ℓ^v, averaged over locations: the geometry fit without the confidence terms
-                logs[f"{spec.name}_regr"] = logs.get(f"{spec.name}_regr", 0) + parts["regr"] * L / len(locations)
-            else:
-                missing = [v for v, g in zip(vs, gts) if "depth" not in g]
-                if missing:
-                    raise ValueError(f"depth probes need 'depth' in every view; views {missing} lack it")
-                pred = [torch.cat([out[loc.site(v).name]["depth"] for loc in locs]) for v in vs]
-                conf = [torch.cat([out[loc.site(v).name]["conf"] for loc in locs]) for v in vs]
-                loss = depth_confidence_loss(pred, conf, [_repeat(g["depth"], L) for g in gts],
-                                             [_repeat(g["valid"], L) for g in gts], alpha=alpha)
-            kind_total = kind_total + L * loss
-        logs[spec.name] = kind_total.detach()
-        total = total + kind_total
+
+        def gather(locs: list[Location]) -> Gather:
+            return lambda v, field: torch.cat([out[loc.site(v).name][field] for loc in locs])
+
+        terms = [(vs, len(locs), gather(locs)) for vs, locs in by_views.items()]
+        total = total + _kind_loss(spec, terms, views, alpha, len(locations), logs)
+    return total, logs
+
+
+@dataclass(frozen=True)
+class LossPlan:
+    """Which rows of the stacked probe outputs make up each location group (see :func:`stacked_probe_loss`).
+
+    ``terms[kind]`` lists ``(group key, views, L, {view: member indices})``: the ``L`` locations of
+    one input width and one set of views, location-major.
+    """
+
+    terms: dict[str, list[tuple[str, tuple[int, ...], int, dict[int, Tensor]]]]
+    n_locations: int
+
+    @classmethod
+    def build(cls, locations: Sequence[Location], specs: Sequence[ProbeSpec],
+              index: Mapping[tuple[str, str], tuple[str, int]], device: Any) -> LossPlan:
+        terms: dict[str, list] = {}
+        for spec in specs:
+            groups: dict[tuple[str, tuple[int, ...]], list[Location]] = {}
+            for loc in locations:
+                groups.setdefault((index[(spec.name, loc.sites[0].name)][0], loc.views), []).append(loc)
+            terms[spec.name] = [
+                (key, vs, len(locs), {v: torch.tensor([index[(spec.name, loc.site(v).name)][1] for loc in locs],
+                                                      device=device) for v in vs})
+                for (key, vs), locs in groups.items()]
+        return cls(terms, len(locations))
+
+
+def stacked_probe_loss(
+    outputs: Mapping[str, Mapping[str, Tensor]],
+    plan: LossPlan,
+    views: Sequence[Mapping[str, Tensor]],
+    specs: Sequence[ProbeSpec],
+    alpha: float = 0.2,
+) -> tuple[Tensor, dict[str, float | Tensor]]:
+    """:func:`probe_loss` on :meth:`ProbeBank.stacked` outputs (``{group key: {field: [site, batch, …]}}``):
+    one gather per view and location group, no operation per site. Same value and logs."""
+    total = torch.zeros((), device=views[0]["img"].device)
+    logs: dict[str, Tensor] = {}
+    for spec in specs:
+        def gather(key: str, idx: dict[int, Tensor]) -> Gather:
+            return lambda v, field: outputs[key][field].index_select(0, idx[v]).flatten(0, 1)
+
+        terms = [(vs, L, gather(key, idx)) for key, vs, L, idx in plan.terms[spec.name]]
+        total = total + _kind_loss(spec, terms, views, alpha, plan.n_locations, logs)
     return total, logs

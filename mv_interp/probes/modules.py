@@ -139,6 +139,31 @@ class ProbeBank(nn.Module):
     def group_spec(self, key: str) -> ProbeSpec:
         return self._spec_of[key]
 
+    @property
+    def widths(self) -> dict[int, list[str]]:
+        """``{d_model: site names}``: the members of every group of that input width, in member order."""
+        return {int(k.rsplit("__d", 1)[1]): names for k, names in self.members.items()}
+
+    def stacked(self, stacks: Mapping[int, Tensor], grid: tuple[int, int],
+                kinds: Sequence[str] | None = None) -> dict[str, dict[str, Tensor]]:
+        """The hot path: ``{group key: {"pts3d"|"depth", "conf": [site, batch, H, W(, 3)]}}`` from
+        ``{d_model: [site, batch, pos, d_model]}`` holding every member of that width, in member order.
+
+        One batched matmul per layer and group, one pixel shuffle and post-processing per group:
+        no operation per site.
+        """
+        out: dict[str, dict[str, Tensor]] = {}
+        for key, group in self.groups.items():
+            spec = self._spec_of[key]
+            if kinds is not None and spec.name not in kinds:
+                continue
+            x = stacks[int(key.rsplit("__d", 1)[1])]
+            y = group(x)
+            S, B = y.shape[:2]
+            post = self.postprocess(spec, pixel_shuffle_tokens(y.flatten(0, 1), grid, self.patch_size))
+            out[key] = {k: v.unflatten(0, (S, B)) for k, v in post.items()}
+        return out
+
     def forward(self, tokens: Mapping[str, Tensor], grid: tuple[int, int],
                 kinds: Sequence[str] | None = None) -> dict[str, dict[str, dict[str, Tensor]]]:
         out: dict[str, dict[str, dict[str, Tensor]]] = {

@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..adapters.base import MultiViewModel, ProbeSite, _from_jsonable, _jsonable, adapter_for_model
+from ..adapters.base import MultiViewModel, ProbeSite, _from_jsonable, _jsonable, adapter_for_model, patch_tokens
 from ..loading import atomic_write
 from .config import ProbeSpec
+from .losses import LossPlan
 from .modules import ProbeBank
 from .sites import Location, group_locations, read_tokens
 
@@ -81,6 +82,7 @@ class ProbeSet(nn.Module):
         self.meta: dict[str, Any] = dict(meta or {})
         self.bank = ProbeBank(self.sites, self.specs, patch_size, depth_mode, conf_mode)
         self.locations: list[Location] = group_locations(self.sites)
+        self._plans: dict[str, LossPlan] = {}
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -131,9 +133,25 @@ class ProbeSet(nn.Module):
         """One frozen backbone pass over ``views`` (images ``[batch, 3, H, W]``), then every probe."""
         module = unwrap(model)
         with torch.no_grad():
-            _, cache = module.run_with_cache(*views, names_filter=self.hooks)
+            _, acts = module.capture(*views, names=self.hooks)
             grid = (views[0].shape[-2] // self.patch_size, views[0].shape[-1] // self.patch_size)
-            return self(self.tokens(cache), grid, kinds)
+            return self(self.tokens(acts), grid, kinds)
+
+    def capture(self, model: Any, *views: Tensor) -> dict[int, Tensor]:
+        """One backbone pass over ``views`` through the fast capture (:meth:`HookedRootModule.capture`),
+        as ``{d_model: [site, batch, pos, d_model]}`` stacks in member order (what :meth:`ProbeBank.stacked`
+        reads). The stacking is the only copy; activations keep their dtype."""
+        _, acts = unwrap(model).capture(*views, names=self.hooks)
+        by_name = {s.name: s for s in self.sites}
+        return {d: torch.stack([patch_tokens(acts[by_name[n].hook], by_name[n], self.n_views) for n in names])
+                for d, names in self.bank.widths.items()}
+
+    def loss_plan(self, device: Any) -> LossPlan:
+        """The location groups of :func:`~mv_interp.probes.losses.stacked_probe_loss` (built once per device)."""
+        key = str(device)
+        if key not in self._plans:
+            self._plans[key] = LossPlan.build(self.locations, self.specs, self.bank.index, device)
+        return self._plans[key]
 
     def probe(self, kind: str, site: str) -> nn.Sequential:
         """One probe as a plain per-token ``nn.Sequential`` (a copy; outputs ``channels · p²`` raw values)."""

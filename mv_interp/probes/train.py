@@ -18,15 +18,18 @@ import contextlib
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
+from .. import distributed as D
 from ..loading import atomic_write
 from .config import TrainConfig
-from .data import PairSource, SyntheticSource, check_batch
-from .losses import probe_loss
+from .data import PairSource, Prefetcher, SyntheticSource, check_batch, shard_batch
+from .losses import stacked_probe_loss
 from .probeset import ProbeSet, fingerprint, random_backbone, unwrap
 from .sites import select_sites
 
@@ -97,12 +100,26 @@ def _load_checkpoint(path: Path, probes: ProbeSet, opt: torch.optim.Optimizer, i
     return int(state["step"])
 
 
+def make_optimizer(params: list, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over the probes' (fp32 master) weights: the fused kernel where torch has one for the
+    device (one kernel for all parameters), else the multi-tensor ``foreach`` one. Both are
+    element-wise, so each probe still gets exactly the update a run of its own would."""
+    kwargs: dict[str, Any] = {"lr": config.lr, "weight_decay": config.weight_decay}
+    if device.type in ("cuda", "cpu"):
+        kwargs["fused"] = True
+    else:
+        kwargs["foreach"] = True
+    return torch.optim.AdamW(params, **kwargs)
+
+
 def train_probes(model: Any, config: TrainConfig | None = None, out_dir: str | os.PathLike | None = None,
-                 data: Any = None, progress: bool = True, stop_after: int | None = None) -> ProbeSet:
+                 data: Any = None, progress: bool | Callable[[int, int], None] = True, stop_after: int | None = None,
+                 prefetch: int = 2) -> ProbeSet:
     """Train probes of every kind in ``config.probes`` at every probe site of ``model``, jointly.
 
     Args:
-        model: an :class:`~mv_interp.model.MVModel` or hooked module (kept frozen; its device is used).
+        model: an :class:`~mv_interp.model.MVModel` or hooked module (kept frozen; its device is used;
+            its compiled fast path is taken when enabled, see :func:`mv_interp.model.enable_compile`).
         config: :class:`TrainConfig` (sites, probe kinds, steps, optimiser, seeds, control backbone).
         out_dir: run directory for checkpoints, the log and the final probe set; ``None`` trains in
             memory. An existing run there with the same settings is resumed (or extended).
@@ -110,8 +127,16 @@ def train_probes(model: Any, config: TrainConfig | None = None, out_dir: str | o
             directory or pairs file (:func:`~mv_interp.probes.data.open_pairs`), a pair
             source with ``batch(step, batch_size, device)`` / ``describe()``, a batch of views held
             in memory (visited in seeded epochs), or a dataset whose items are samples (lists of views).
-        progress: show a tqdm bar with the loss.
+        progress: show a tqdm bar with the loss; or a callable ``progress(step, total)`` called
+            after every step (e.g. a report's ETA).
         stop_after: stop (with a checkpoint) once this step is reached — to split a run.
+        prefetch: batches made ahead in a background worker (0: make each batch when needed).
+            The time the training loop waited for data is logged as ``data_stall_s``.
+
+    Under ``torchrun`` (an initialised ``torch.distributed`` process group, see
+    :mod:`mv_interp.distributed`) every rank makes its own shard of each batch of
+    ``config.batch_size`` pairs and the ranks average their gradients: the same pairs and, in
+    expectation, the same updates as one process; rank 0 writes the files.
 
     Returns:
         the trained :class:`ProbeSet` (also saved in ``out_dir``).
@@ -129,15 +154,20 @@ def train_probes(model: Any, config: TrainConfig | None = None, out_dir: str | o
     module.eval()
     device = module.device
     source = _data_source(data, module, config)
+    W = D.world_size()
+    if config.batch_size % W:
+        raise ValueError(f"TrainConfig.batch_size={config.batch_size} does not split over {W} ranks; "
+                         f"use a multiple of {W}")
+    first, last = config.batch_size // W * D.rank(), config.batch_size // W * (D.rank() + 1)
     # a model taking any number of views is probed at the data's view count
     n_views = module.fixed_n_views or len(source.batch(0, 1, device))
     sites = select_sites(module.probe_sites(encoder_blocks=config.encoder_blocks, sublayers=config.sublayers,
                                             n_views=n_views), config.sites)
     meta = {"backbone": config.backbone, "control_seed": config.control_seed if config.backbone == "random" else None,
-            "train": config.to_dict(), "data": source.describe()}
+            "train": config.to_dict(), "data": source.describe(), "world_size": W}
     probes = ProbeSet.for_model(module, sites, config.probes, seed=config.seed, meta=meta, n_views=n_views)
     params = [p for p in probes.parameters()]
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    opt = make_optimizer(params, config, device)
     identity = _identity(config, module, source, sites)
 
     out = Path(out_dir) if out_dir is not None else None
@@ -145,52 +175,77 @@ def train_probes(model: Any, config: TrainConfig | None = None, out_dir: str | o
     if out is not None and (out / CHECKPOINT).is_file():
         step = _load_checkpoint(out / CHECKPOINT, probes, opt, identity)
     end = config.steps if stop_after is None else min(config.steps, stop_after)
-    hooks = probes.hooks
     need = ("img", "pts3d", "valid") + (("depth",) if any(s.target == "depth" for s in config.probes) else ())
+    plan = probes.loss_plan(device)
+    writer = out is not None and D.is_main()
 
-    bar = tqdm(total=config.steps, initial=step, disable=not progress, desc="probes", dynamic_ncols=True)
-    log_lines: list[str] = []
+    def make(s: int):
+        views = shard_batch(source, s, config.batch_size, device, first, last)
+        check_batch(views, need)
+        return views
+
+    show = progress is True and D.is_main()
+    bar = tqdm(total=config.steps, initial=step, disable=not show, desc="probes", dynamic_ncols=True)
+    pending: list[tuple[int, Tensor, float, float]] = []  # (step, logged values on the device, time, stall)
+    names: list[str] = []
+    feed = Prefetcher(make, step, end, device, prefetch) if prefetch > 0 and step < end else None
     t0 = time.perf_counter()
     try:
         while step < end:
-            views = source.batch(step, config.batch_size, device)
-            check_batch(views, need)
+            views = feed.get(step) if feed is not None else make(step)
             imgs = [v["img"] for v in views]
             grid = (imgs[0].shape[-2] // probes.patch_size, imgs[0].shape[-1] // probes.patch_size)
             with autocast_context(device, config.amp):
                 with torch.no_grad():
-                    _, cache = module.run_with_cache(*imgs, names_filter=hooks)
-                outputs = probes(probes.tokens(cache), grid)
-                loss, logs = probe_loss(outputs, probes.locations, views, probes.specs, config.alpha)
-            del cache
+                    stacks = probes.capture(module, *imgs)
+                outputs = probes.bank.stacked(stacks, grid)
+                loss, logs = stacked_probe_loss(outputs, plan, views, probes.specs, config.alpha)
+            del stacks
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            names = ["loss", *logs]
+            logged = torch.stack([loss.detach().float(), *(v.detach().float() for v in logs.values())])
+            # one collective per step: the gradients and the logged values, averaged over ranks
+            D.all_reduce_mean([p.grad for p in params if p.grad is not None] + [logged])
             opt.step()
             step += 1
-            value = float(loss.detach())
-            bar.set_postfix(loss=f"{value:.4f}")
+            pending.append((step, logged, time.perf_counter() - t0, feed.stall_s if feed is not None else 0.0))
             bar.update(1)
-            log_lines.append(json.dumps({"step": step, "loss": value, **{k: float(v) for k, v in logs.items()},
-                                         "time_s": round(time.perf_counter() - t0, 3)}))
-            if out is not None and (step % config.checkpoint_every == 0 or step == end):
-                _flush_log(out, log_lines)
-                _save_checkpoint(out / CHECKPOINT, probes, opt, step, identity)
+            if callable(progress):
+                progress(step, config.steps)
+            if step % config.checkpoint_every == 0 or step == end:
+                # the only host sync of the loop: the log values of the steps since the last one
+                lines = _log_lines(names, pending)
+                bar.set_postfix(loss=f"{json.loads(lines[-1])['loss']:.4f}")
+                if writer:
+                    _flush_log(out, lines)
+                    _save_checkpoint(out / CHECKPOINT, probes, opt, step, identity)
+                D.barrier()
     finally:
+        if feed is not None:
+            feed.close()
         bar.close()
         module.train(was_training)
     probes.meta["step"] = step
-    if out is not None:
-        _flush_log(out, log_lines)
-        if step == config.steps:
+    if out is not None and step == config.steps:
+        if writer:
             probes.save(out)
+        D.barrier()
     return probes
 
 
+def _log_lines(names: list[str], pending: list) -> list[str]:
+    values = torch.stack([v for _, v, _, _ in pending]).tolist()
+    lines = [json.dumps({"step": s, **dict(zip(names, vals)), "time_s": round(t, 3), "data_stall_s": round(st, 3)})
+             for (s, _, t, st), vals in zip(pending, values)]
+    pending.clear()
+    return lines
+
+
 def _flush_log(out: Path, lines: list[str]) -> None:
-    # Flushed with each checkpoint: an interrupted run loses the lines it will redo on resume.
+    # Written with each checkpoint: an interrupted run loses the lines it will redo on resume.
     if not lines:
         return
     out.mkdir(parents=True, exist_ok=True)
     with open(out / LOG, "a") as f:
         f.write("\n".join(lines) + "\n")
-    lines.clear()

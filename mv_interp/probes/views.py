@@ -192,8 +192,8 @@ def probe_frames(model: Any, probes: ProbeSet | None, pair: Batch, kind: str = "
     locations = group_locations(sites)
     read = lens_sites(module, sites) if lens else sites
     imgs = [v["img"] for v in pair]
-    _, cache = module.run_with_cache(*imgs, names_filter=sorted({s.hook for s in read}))
-    tokens = read_tokens(cache, read, n_views)
+    _, acts = module.capture(*imgs, names=sorted({s.hook for s in read}))
+    tokens = read_tokens(acts, read, n_views)
     grid = (imgs[0].shape[-2] // module.patch_size, imgs[0].shape[-1] // module.patch_size)
     if lens:
         out = pointmap_lens(module, tokens, sites, grid)

@@ -4,6 +4,7 @@
     mv-interp report --checkpoint DUSt3R_ViTLarge_BaseDecoder_224_linear.pth --device cuda --out runs/dust3r
     mv-interp report --data my_capture/ --pairs 128    # a capture directory (docs/data.md)
     mv-interp report --fast --out /tmp/smoke           # a smoke run of every step (< 1 min on a CPU)
+    mv-interp report --checkpoint DUSt3R_ViTLarge_BaseDecoder_224_linear.pth --device cuda --preset paper --compile
     mv-interp report --images a.png b.png --out photos # two plain photos: what needs no ground truth
     mv-interp report --set knockout_k=3 --config my_report.json   # any ReportConfig field
 
@@ -40,11 +41,16 @@ examples:
 """
 
 
-def _config(args: argparse.Namespace, opts):
-    from ..configs import config_from_args
+def config_from_args(args: argparse.Namespace, opts=None):
+    """The :class:`ReportConfig` the options ask for: ``--preset`` (or ``--fast``), then ``--config``
+    FILE.json, ``--set`` and the generated field options (``opts``: default ``args.report_options``)."""
+    from .. import configs
     from .config import ReportConfig
 
-    return config_from_args(args, opts, ReportConfig.preset(args.preset or ("fast" if args.fast else "default")))
+    if args.fast and args.preset not in (None, "fast"):
+        raise SystemExit(f"mv-interp report: --fast and --preset {args.preset} disagree; give one of them")
+    base = ReportConfig.preset("fast" if args.fast else args.preset or "default")
+    return configs.config_from_args(args, opts or args.report_options, base)
 
 
 def _model_config_alias(args: argparse.Namespace) -> None:
@@ -67,13 +73,13 @@ def _run(args: argparse.Namespace) -> int:
     from .runner import run_report
 
     _model_config_alias(args)
-    cfg = _config(args, args.report_options)
+    cfg = config_from_args(args)
     force: bool | list[str] = False
     if args.force is not None:
         force = True if not args.force else list(args.force)
     files = run_report(args.model, cfg, args.out, data=args.data, images=args.images, probes=args.probes,
                        device=args.device, model_config=args.model_config, family=args.family, force=force,
-                       progress=not args.quiet, command=command_line(args))
+                       progress=not args.quiet, command=command_line(args), compile=args.compile)
     print(f"open {files['html'].resolve().as_uri()}")
     return 0
 
@@ -128,11 +134,15 @@ def register(sub) -> None:
                    help="with --images: a probe set trained on this model (e.g. a report's OUT/probes/model) to "
                         "apply to the photos (default: none)")
     p.add_argument("--out", default="mv_interp_out", help="output folder (default: %(default)s)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="named ReportConfig the settings start from: " + "; ".join(
-                       f"{name}{' (--fast)' if name == 'fast' else ''}" for name in PRESETS) + " (default: default)")
-    p.add_argument("--fast", action="store_true", help="shorthand for --preset fast: a smoke run of every step "
-                                                         "(under a minute on a CPU)")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="how hard to work: default (about ten minutes on a 2-core CPU for dust3r-toy), fast (a smoke "
+                        "run) or paper (the paper's protocol: 100,032 probe training pairs, 1,000 held-out pairs, "
+                        "MLP probes 512 x 5, AdamW lr 1e-4; sized for a ViT-L on one GPU); every ReportConfig "
+                        "option below shows each preset's value (default: default)")
+    p.add_argument("--fast", action="store_true", help="same as --preset fast")
+    p.add_argument("--compile", action="store_true",
+                   help="run the model's hook-free forwards compiled (torch.compile; minutes of compilation first, "
+                        "worth it on a GPU for long presets)")
     p.add_argument("--force", nargs="*", default=None, metavar="STEP",
                    help=f"recompute finished steps: all, or the named ones ({', '.join(STEP_NAMES)}) "
                         "(default: reuse every finished step)")

@@ -82,6 +82,40 @@ def model_card(spec: Any) -> str | None:
     return None
 
 
+class EtaLog:
+    """A ``progress(done, total)`` hook that logs the rate and the ETA every ``every`` of the way.
+
+    >>> hook = EtaLog(print, "probes", pairs_per_step=64)
+    >>> hook(157, 1563)   # "probes: 157/1563 (10 %), 41.2 pairs/s, ETA 38 min 10 s"
+    """
+
+    def __init__(self, log: Callable[[str], None], label: str, pairs_per_step: int = 1, every: float = 0.1):
+        self.log, self.label, self.pairs, self.every = log, label, pairs_per_step, every
+        self.t0: float | None = None
+        self.start = 0
+        self.next = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if self.t0 is None:  # the first step of this run (a resumed run starts later)
+            self.t0, self.start, self.next = now, done - 1, (done - 1) / total + self.every
+            return
+        if done / total < self.next and done != total:
+            return
+        self.next = done / total + self.every
+        rate = (done - self.start) / max(now - self.t0, 1e-9)
+        eta = (total - done) / rate if rate > 0 else float("inf")
+        self.log(f"  {self.label}: {done}/{total} steps ({done / total:.0%}), {rate * self.pairs:.1f} pairs/s, "
+                 f"ETA {_duration(eta)}")
+
+
+def _duration(seconds: float) -> str:
+    if not seconds < float("inf"):
+        return "unknown"
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m} min {s} s" if m else f"{s} s"
+
+
 def cpu_name() -> str:
     """The CPU's model name (``/proc/cpuinfo`` on Linux, else what ``platform`` knows)."""
     cpu = platform.processor() or platform.machine()
@@ -108,7 +142,8 @@ def run_report(model: Any = "dust3r-toy", config: ReportConfig | None = None, ou
                *, data: str | os.PathLike | None = None, images: Sequence[str | os.PathLike] | None = None,
                probes: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                model_config: Any = None, family: str | None = None, force: bool | Iterable[str] = False,
-               progress: bool = True, log: Callable[[str], None] = print, command: str = "") -> dict[str, Path]:
+               progress: bool = True, log: Callable[[str], None] = print, command: str = "",
+               compile: bool = False) -> dict[str, Path]:
     """Run every step of the report (reusing finished ones) and write ``OUT/report.html``.
 
     Args:
@@ -125,6 +160,9 @@ def run_report(model: Any = "dust3r-toy", config: ReportConfig | None = None, ou
             ``OUT/probes/model``) to apply to the photos as well.
         force: ``True`` recomputes every step; a list of step names recomputes those (and, as their
             results change, everything downstream).
+        progress: progress bars, and for probe training a log line with the rate and ETA every 10 %.
+        compile: run the model's hook-free forwards compiled (:func:`mv_interp.model.enable_compile`);
+            the compile time is logged. Off by default (minutes of compilation; pays off on a GPU).
 
     Returns ``{"html": …, "summary": …, "manifest": …}``.
 
@@ -147,6 +185,11 @@ def run_report(model: Any = "dust3r-toy", config: ReportConfig | None = None, ou
         log(f"loading {model} on {device}")
         model = load_model(model, device=device, config=model_config, family=family)
     module = unwrap(model).eval()
+    if compile:
+        from ..model import enable_compile
+
+        fast = enable_compile(module)
+        log("compiled fast path on: hook-free forwards run through torch.compile (first calls compile)")
     if (module.fixed_n_views or 2) != 2:
         raise ValueError(f"{type(module).__name__} takes {module.fixed_n_views} views; the report analyses pairs")
     from ..adapters.base import adapter_for_model
@@ -185,7 +228,8 @@ def run_report(model: Any = "dust3r-toy", config: ReportConfig | None = None, ou
         settings = {**base, "train": tconf.to_dict()}
         key = steps.key(name, settings)  # also marks the folder, so an interrupted run resumes only its own
         steps.run(name, settings, lambda: ([folder / "probes.json", folder / "probes.safetensors"],
-                                           A.train_step(model, pairs, tconf, folder, key, progress)),
+                                           A.train_step(model, pairs, tconf, folder, key,
+                                                        EtaLog(log, name, tconf.batch_size) if progress else False)),
                   title=TITLES[name])
 
     probes_dir = Path(probes) if probes is not None else out / "probes" / "model"
@@ -230,6 +274,10 @@ def run_report(model: Any = "dust3r-toy", config: ReportConfig | None = None, ou
     for line in smoke:
         log(f"NOTE: {line}")
 
+    if compile:
+        log(f"compiled fast path: {fast.calls['compiled']} compiled and {fast.calls['eager']} eager forwards, "
+            f"first calls (compilation included) {sum(fast.compile_seconds.values()):.0f} s")
+        timings["compile_first_calls"] = sum(fast.compile_seconds.values())
     t = time.perf_counter()
     from .page import build_page
 
