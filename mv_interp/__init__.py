@@ -24,6 +24,7 @@ _LAZY = {
     "list_adapters": ".adapters",
     "register_adapter": ".adapters",
     "list_models": ".api",
+    "UserError": ".errors",
 }
 
 

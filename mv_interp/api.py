@@ -35,11 +35,40 @@ def load_model(path_or_name: Any, device: str | torch.device = "cpu", config: An
     >>> model = load_model(state_dict, config="512_dpt")
     >>> model = load_model("naver/DUSt3R_ViTLarge_BaseDecoder_512_dpt")
     """
+    device = check_device(device)
     hub = {k: v for k, v in dict(revision=revision, filename=filename, cache_dir=cache_dir, token=token,
                                  local_files_only=local_files_only).items() if v is not None}
     module = load_hooked(path_or_name, config=config, family=family, **hub)
     module = module.to(device=device, dtype=dtype) if dtype is not None else module.to(device)
     return wrap(module)
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``torch.device(device)``, or a :class:`~mv_interp.errors.UserError` saying which devices exist here."""
+    from .errors import UserError
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise UserError(f"device={device!r} is not a torch device ({str(e).splitlines()[0]}); use 'cpu', 'cuda', "
+                        "'cuda:1' or 'mps'") from None
+    here = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise UserError(f"device={device!r}, but no CUDA GPU is available here (torch {torch.__version__}, "
+                            f"CUDA build: {torch.version.cuda or 'no'}); use device='cpu'")
+        if dev.index is not None and dev.index >= n:
+            raise UserError(f"device={device!r}, but this machine has {n} GPU(s): {here[1:]}")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise UserError(f"device={device!r}, but MPS (Apple GPU) is not available here; use one of {here}")
+    elif dev.type != "cpu":
+        try:
+            torch.empty(0, device=dev)
+        except Exception as e:  # noqa: BLE001 - each backend fails in its own way
+            raise UserError(f"device={device!r} cannot be used here ({type(e).__name__}); use one of {here}") from None
+    return dev
 
 
 def list_models() -> list[str]:

@@ -11,6 +11,12 @@ import argparse
 import importlib
 import importlib.util
 import sys
+import traceback
+from pathlib import Path
+
+from .errors import UserError, check_writable, describe_os_error
+
+_PACKAGE = Path(__file__).resolve().parent
 
 # feature packages that may contribute subcommands (in help order)
 COMMAND_MODULES = (
@@ -54,19 +60,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _raised_here(e: BaseException) -> bool:
+    """Whether ``e`` was raised by mv_interp's own code (a validation) rather than inside a library."""
+    frames = traceback.extract_tb(e.__traceback__)
+    return bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(_PACKAGE)
+
+
+def probe_output(args: argparse.Namespace) -> None:
+    """Prove ``--out`` writable before a command loads a model or computes anything: a read-only
+    folder, a full disk or a file in the way then fails in a second, not after the expensive steps.
+    An ``--out`` with a file suffix (``means.safetensors``) is probed in its folder; an output folder
+    also loses the temporary files of writes a killed run left there."""
+    out = getattr(args, "out", None)
+    if isinstance(out, str) and out:
+        path = Path(out)
+        if path.suffix and not path.is_dir():
+            check_writable(path.parent)
+        else:
+            from .loading import remove_stale_tmp
+
+            check_writable(path)
+            remove_stale_tmp(path)  # of a run of this command killed inside a write
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. The error policy (docs/reliability.md): a user error — a
+    :class:`~mv_interp.errors.UserError`, or a ``ValueError`` raised by mv_interp's own checks —
+    and an ``OSError`` (missing file, read-only folder, full disk) print one line naming the
+    file or argument and exit 1; anything else is a bug and keeps its traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    prefix = f"mv-interp {args.command}: error:"
     try:
+        probe_output(args)
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        # user errors: one clear line, no traceback
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"mv-interp {args.command}: error: {msg}", file=sys.stderr)
-        return 1
+    except UserError as e:
+        print(f"{prefix} {e}", file=sys.stderr)
+    except OSError as e:
+        print(f"{prefix} {describe_os_error(e)}", file=sys.stderr)
+    except ValueError as e:
+        if not _raised_here(e):
+            raise
+        print(f"{prefix} {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"mv-interp {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 1
 
 
 if __name__ == "__main__":

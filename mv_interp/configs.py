@@ -35,10 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
 
-class ConfigTypeError(TypeError, ValueError):
+
+class ConfigTypeError(ConfigError, TypeError):
     """A config value of the wrong type: names the field, the expected type and the value given.
-    (A ``ValueError`` too, so the command line reports it as a user error in one line.)"""
+    (A :class:`~mv_interp.errors.ConfigError`, so the command line reports it as a user error in one line.)"""
 
 
 # --------------------------------------------------------------------------------------
@@ -146,7 +148,7 @@ def check_fields(cls: type, data: Mapping[str, Any], source: str = "",
     where = f"{source}: " if source else ""
     unknown = sorted(set(data) - set(types_))
     if unknown:
-        raise ValueError(f"{where}{cls.__name__}: unknown field(s) {unknown}; valid fields: {sorted(types_)}")
+        raise ConfigError(f"{where}{cls.__name__}: unknown field(s) {unknown}; valid fields: {sorted(types_)}")
     for name, value in data.items():
         if not _matches(types_[name], value):
             shown = (given or {}).get(name, value)

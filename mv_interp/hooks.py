@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .cache import CacheAlgebra
+from .errors import UnknownNameError, UserError, WrongTypeError, suggest
 
 HookFn = Callable[[Tensor, "HookPoint"], Union[Tensor, None]]
 NamesFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
@@ -32,12 +33,15 @@ class HookPoint(nn.Module):
     """An identity on the data path whose input can be read or replaced.
 
     ``add_hook(fn)`` registers ``fn(tensor, hook) -> tensor | None``; a returned tensor
-    replaces the activation. ``name`` is the module's path in the hooked root.
+    replaces the activation and must have its shape, dtype and device (a broadcastable
+    ``[1, 1, D]`` would silently change the output) unless the hook point was made with
+    ``free_return=True``. ``name`` is the module's path in the hooked root.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, free_return: bool = False) -> None:
         super().__init__()
         self.name: str | None = None
+        self.free_return = free_return
         self._watchers: list[Callable[[HookPoint], bool]] = []
         self._permanent: set[int] = set()
         #: where :meth:`HookedRootModule.capture` records this point's value (``None``: not recording)
@@ -63,7 +67,10 @@ class HookPoint(nn.Module):
 
         if dir == "fwd":
             def wrapped(module: nn.Module, inputs: tuple, output: Tensor):
-                return hook(output, self)
+                result = hook(output, self)
+                if result is not None and result is not output:
+                    self._check_return(result, output, hook)
+                return result
         else:
             def wrapped(module: nn.Module, inputs: tuple, output: Tensor):
                 if not (isinstance(output, Tensor) and output.requires_grad and torch.is_grad_enabled()):
@@ -78,6 +85,20 @@ class HookPoint(nn.Module):
         if is_permanent:
             self._permanent.add(handle.id)
         return handle
+
+    def _check_return(self, result: Any, value: Tensor, hook: Any) -> None:
+        fn = getattr(hook, "__qualname__", None) or type(hook).__name__
+        if not isinstance(result, Tensor):
+            raise WrongTypeError(f"hook {fn} on {self.name} returned a {type(result).__name__}; a hook returns None "
+                                 "(keep the value) or a tensor that replaces it")
+        if self.free_return:
+            return
+        if result.shape != value.shape or result.dtype != value.dtype or result.device != value.device:
+            raise UserError(
+                f"hook {fn} on {self.name} returned a tensor {list(result.shape)} {result.dtype} on {result.device}, "
+                f"but the hooked value is {list(value.shape)} {value.dtype} on {value.device}; return a tensor of the "
+                "same shape, dtype and device (edit a clone, or expand / .to(x) your replacement)"
+            )
 
     def remove_hooks(self, including_permanent: bool = False) -> None:
         for key in list(self._forward_hooks):
@@ -110,12 +131,22 @@ def _compile_filter(names_filter: NamesFilter) -> Callable[[str], bool]:
         return lambda name: True
     if callable(names_filter):
         return names_filter
-    patterns = [names_filter] if isinstance(names_filter, str) else list(names_filter)
+    patterns = [names_filter] if isinstance(names_filter, str) else list(_filter_patterns(names_filter))
 
     def match(name: str) -> bool:
         return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
 
     return match
+
+
+def _filter_patterns(names_filter: Any) -> list[str]:
+    """The names / globs of a list filter; anything but None, a string, strings or a predicate is refused."""
+    if isinstance(names_filter, (list, tuple, set, frozenset)) and all(isinstance(p, str) for p in names_filter):
+        return list(names_filter)
+    raise WrongTypeError(
+        f"names_filter must be None (every hook), a hook name or glob, a list of them, or a function "
+        f"name -> bool; got {names_filter!r} ({type(names_filter).__name__})"
+    )
 
 
 class ActivationCache(CacheAlgebra, Mapping):
@@ -149,7 +180,7 @@ class ActivationCache(CacheAlgebra, Mapping):
         except KeyError:
             close = [k for k in self._store if name.split(".")[-1] in k][:5]
             hint = f" Similar cached names: {close}." if close else ""
-            raise KeyError(
+            raise UnknownNameError(
                 f"{name!r} is not in this cache ({len(self._store)} entries).{hint} "
                 "Widen names_filter in run_with_cache to record it."
             ) from None
@@ -189,26 +220,31 @@ class HookedRootModule(nn.Module):
     def hook_points(self) -> list[HookPoint]:
         return list(self.hook_dict.values())
 
-    def _resolve(self, names: NamesFilter) -> list[str]:
+    def _resolve(self, names: Any) -> list[str]:
         if isinstance(names, str) and names in self.hook_dict:
             return [names]
+        if names is not None and not isinstance(names, str) and not callable(names):
+            # every entry of a list must name a hook: a misspelt one would otherwise drop silently
+            for p in _filter_patterns(names):
+                if p not in self.hook_dict and not any(fnmatch.fnmatchcase(n, p) for n in self.hook_dict):
+                    raise UnknownNameError(f"names_filter entry {p!r}: " + self._unknown_hook_message(p))
         match = _compile_filter(names)
         found = [n for n in self.hook_dict if match(n)]
         if isinstance(names, str) and not found:
-            raise KeyError(self._unknown_hook_message(names))
+            raise UnknownNameError(self._unknown_hook_message(names))
         return found
 
     def _unknown_hook_message(self, name: str) -> str:
         tail = name.split(".")[-1]
         close = [n for n in self.hook_dict if n.endswith(tail)][:6]
         return (
-            f"No hook point named {name!r}. "
+            f"No hook point named {name!r}.{suggest(name, self.hook_dict)} "
             + (f"Hooks with the same ending: {close}. " if close else "")
             + "List them all with model.hook_names()."
         )
 
     # -- hooks ------------------------------------------------------------------
-    def add_hook(self, name: NamesFilter, hook: HookFn, dir: str = "fwd", is_permanent: bool = False):
+    def add_hook(self, name: Any, hook: HookFn, dir: str = "fwd", is_permanent: bool = False):
         """Register ``hook`` on every hook point ``name`` selects; ``dir="bwd"`` for gradients."""
         handles = [self.hook_dict[n].add_hook(hook, dir=dir, is_permanent=is_permanent) for n in self._resolve(name)]
         return handles
@@ -218,18 +254,18 @@ class HookedRootModule(nn.Module):
             hp.remove_hooks(including_permanent=including_permanent)
 
     @contextlib.contextmanager
-    def hooks(self, fwd_hooks: Sequence[tuple[NamesFilter, HookFn]] = (), reset_hooks_end: bool = True,
-              bwd_hooks: Sequence[tuple[NamesFilter, HookFn]] = ()):
-        """Context manager that installs ``fwd_hooks`` (and ``bwd_hooks``) and removes them on exit.
+    def hooks(self, fwd_hooks: Any = (), reset_hooks_end: bool = True, bwd_hooks: Any = ()):
+        """Context manager that installs ``fwd_hooks`` (and ``bwd_hooks``) — lists of ``(names, fn)``
+        pairs, checked with a clear error — and removes them on exit.
 
         >>> with model.hooks([("dec_blocks2.1.hook_resid_mid", lambda x, hook: x * 0)]):
         ...     out = model(img1, img2)
         """
         handles = []
         try:
-            for name, fn in fwd_hooks:
+            for name, fn in _hook_pairs(fwd_hooks):
                 handles.extend(self.add_hook(name, fn))
-            for name, fn in bwd_hooks:
+            for name, fn in _hook_pairs(bwd_hooks):
                 handles.extend(self.add_hook(name, fn, dir="bwd"))
             yield self
         finally:
@@ -237,8 +273,8 @@ class HookedRootModule(nn.Module):
                 for h in handles:
                     h.remove()
 
-    def run_with_hooks(self, *args: Any, fwd_hooks: Sequence[tuple[NamesFilter, HookFn]] = (),
-                       reset_hooks_end: bool = True, bwd_hooks: Sequence[tuple[NamesFilter, HookFn]] = (),
+    def run_with_hooks(self, *args: Any, fwd_hooks: Any = (),
+                       reset_hooks_end: bool = True, bwd_hooks: Any = (),
                        **kwargs: Any) -> Any:
         """Run the model with temporary forward (and backward) hooks (TransformerLens semantics).
 
@@ -248,7 +284,7 @@ class HookedRootModule(nn.Module):
         with self.hooks(fwd_hooks, reset_hooks_end=reset_hooks_end, bwd_hooks=bwd_hooks):
             return self(*args, **kwargs)
 
-    def run_with_cache(self, *args: Any, names_filter: NamesFilter = None, device: Any = None,
+    def run_with_cache(self, *args: Any, names_filter: Any = None, device: Any = None,
                        detach: bool = True, incl_bwd: bool = False, metric: Callable[[Any], Tensor] | None = None,
                        **kwargs: Any) -> tuple[Any, ActivationCache]:
         """Run the model and record every hook selected by ``names_filter``.
@@ -324,6 +360,22 @@ class HookedRootModule(nn.Module):
         with torch.no_grad(), self.hooks([(n, rec) for n in self.hook_dict]):
             self(*args, **kwargs)
         return seen
+
+
+def _hook_pairs(fwd_hooks: Any) -> list[tuple[Any, Callable]]:
+    """``fwd_hooks`` checked to be a list of ``(names, fn)`` pairs, with a fix when it is not."""
+    example = "fwd_hooks=[('dec_blocks2.1.hook_resid_mid', fn)]"
+    if isinstance(fwd_hooks, tuple) and len(fwd_hooks) == 2 and callable(fwd_hooks[1]) and not callable(fwd_hooks[0]):
+        raise WrongTypeError(f"fwd_hooks is a single (name, fn) pair; wrap it in a list: {example}")
+    if isinstance(fwd_hooks, (str, bytes)) or not isinstance(fwd_hooks, (Sequence, Iterator)):
+        raise WrongTypeError(f"fwd_hooks must be a list of (names, fn) pairs, e.g. {example}; "
+                             f"got a {type(fwd_hooks).__name__}")
+    pairs = list(fwd_hooks)
+    for i, pair in enumerate(pairs):
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and callable(pair[1])):
+            raise WrongTypeError(f"fwd_hooks[{i}] is {pair!r}; each entry must be a (names, fn) pair where fn(x, hook) "
+                                 f"returns None or a replacement, e.g. {example}")
+    return [tuple(p) for p in pairs]
 
 
 def natural_key(name: str) -> list:

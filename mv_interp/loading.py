@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import argparse
 import ast
+import errno
 import json
 import math
 import os
+import re
 import tempfile
+import warnings
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,12 +27,13 @@ from torch import Tensor
 
 from .adapters import base as adapters_base
 from .adapters.base import Adapter, MultiViewModel
+from .errors import UserError
 
 BUNDLED_DIR = Path(__file__).parent / "weights"
 _LITERAL_NAMES = {"inf": math.inf, "True": True, "False": False, "None": None}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be loaded as asked; the message says why and what to do."""
 
 
@@ -97,33 +102,81 @@ def _literal(node: ast.AST, arg: str) -> Any:
 # --------------------------------------------------------------------------------------
 
 
+def _refusal_detail(text: str) -> str:
+    # name the offending global, never repeat torch's advice to load with weights_only=False
+    m = re.search(r"(Unsupported global: GLOBAL [\w.]+|Unsupported operand \d+|[\w.]+ was not an allowed global)", text)
+    return f" (found {m[1]})" if m else ""
+
+
 def read_torch_file(path: str | os.PathLike) -> Any:
-    """``torch.load`` with ``weights_only=True`` and ``argparse.Namespace`` allow-listed."""
+    """``torch.load`` with ``weights_only=True`` and ``argparse.Namespace`` allow-listed.
+
+    A file that pickles anything else is *refused*; a file torch cannot parse (random bytes, a
+    truncated download, another format) raises :class:`CheckpointError` naming it.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    zipped = zipfile.is_zipfile(path)  # only zip checkpoints can be memory-mapped
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # noqa: BLE001
-        if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
-            raise CheckpointError(
-                f"refusing {path.name}: it pickles objects beyond tensors and argparse.Namespace, which "
-                f"mv_interp will not unpickle (weights_only=True). Details: {str(e).splitlines()[0][:300]}"
-            ) from None
-        try:  # older non-zipfile checkpoints cannot be memory-mapped
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e2:  # noqa: BLE001
-            raise CheckpointError(f"cannot read checkpoint {path}: {str(e2).splitlines()[0][:300]}") from None
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch raises many types on foreign files
+        text = str(e)
+        never = ("mv_interp loads with weights_only=True and never unpickles other objects (they can run code); "
+                 "if you trust the file, re-save its state dict as safetensors where it was made")
+        if "Unsupported global" in text or "allowed global" in text:
+            raise CheckpointError(f"refusing {path}: it pickles objects beyond tensors and argparse.Namespace"
+                                  f"{_refusal_detail(text)}. {never}") from None
+        if "weights_only" in text or "Unsupported operand" in text:
+            raise CheckpointError(f"refusing {path}: the weights-only unpickler rejects it{_refusal_detail(text)}: it "
+                                  f"is not a plain checkpoint of tensors (a pickle of other objects, a damaged "
+                                  f"file, or no checkpoint at all). {never}") from None
+        with open(path, "rb") as f:
+            zip_magic = f.read(4) == b"PK\x03\x04"
+        kind = ("a truncated or damaged zip checkpoint" if zipped or zip_magic
+                else "not a PyTorch checkpoint (torch.save output)")
+        raise CheckpointError(
+            f"cannot read {path}: {kind} ({type(e).__name__}). Re-download or re-save it; mv_interp reads "
+            "official .pth checkpoints, .safetensors files and HF-style directories"
+        ) from None
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
+    """``safetensors.torch.load_file`` with an error naming the file when it is not valid safetensors."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise CheckpointError(
+            f"cannot read {path}: not a valid safetensors file ({e}); it is probably truncated or another format. "
+            "Re-download it, or re-save the weights with mv_interp.save_pretrained / safetensors.torch.save_file"
+        ) from None
+
+
+def check_finite_weights(state_dict: Mapping[str, Tensor], source: str) -> None:
+    """Raise :class:`CheckpointError` naming the tensors that hold NaN or inf."""
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise CheckpointError(
+            f"{source}: {len(bad)} weight tensor(s) hold NaN or inf ({', '.join(bad[:5])}{more}); the model would "
+            "output NaN. The checkpoint is damaged or from a diverged training run: use another one"
+        )
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
+        return read_safetensors(path)
     obj = read_torch_file(path)
     if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
         obj = obj["model"]
@@ -148,7 +201,13 @@ def _adapter_for_constructor(class_name: str) -> Adapter:
 def config_from_hf(cfg: dict[str, Any], family: str | None = None) -> tuple[Adapter, Any]:
     """(adapter, config) from an HF-style ``config.json`` dict."""
     cfg = {k: adapters_base._from_jsonable(v) for k, v in cfg.items()}
-    family = cfg.pop("mv_interp_family", None) or family
+    saved = cfg.pop("mv_interp_family", None)
+    if family is not None:
+        adapters_base.get_adapter(family)  # an unknown name fails here, with the registered ones
+        if saved is not None and saved != family:
+            raise CheckpointError(f"family={family!r} contradicts the config.json, which says mv_interp_family="
+                                  f"{saved!r}; leave the family out (it is read from the config) or fix the file")
+    family = saved or family
     cfg.pop("architecture", None)
     cfg.pop("architectures", None)
     if family is not None:
@@ -221,7 +280,9 @@ def build_model(adapter: Adapter, config: Any, state_dict: Mapping[str, Tensor] 
                 source: str = "state dict") -> MultiViewModel:
     model = adapter.build(config)
     if state_dict is not None:
-        load_state_dict_strict(model, adapter.convert_state_dict(dict(state_dict), config), source)
+        state_dict = adapter.convert_state_dict(dict(state_dict), config)
+        check_finite_weights(state_dict, source)
+        load_state_dict_strict(model, state_dict, source)
     return model.eval()
 
 
@@ -314,6 +375,47 @@ def save_pretrained(model: Any, directory: str | os.PathLike, extra: Mapping[str
     return directory
 
 
+#: names :func:`atomic_write` gives its temporary files (``.{target}.{8 random characters}.tmp``)
+TMP_GLOB = ".*.tmp"
+_TMP_NAME = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")
+
+
+def remove_stale_tmp(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
+    """Remove the temporary files that writes interrupted by a kill left in ``folder``; returns them.
+
+    Call it when a run starts in a folder it owns (two runs writing one folder at once are not
+    supported anyway).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = sorted((folder.rglob if recursive else folder.glob)(TMP_GLOB))
+    removed = []
+    for p in found:
+        if _TMP_NAME.fullmatch(p.name) and p.is_file() and not p.is_symlink():
+            try:
+                p.unlink()
+                removed.append(p)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+def _as_os_error(e: RuntimeError, target: Path) -> BaseException:
+    """torch's writer reports a full disk as ``basic_ios::clear`` / ``inline_container.cc`` errors:
+    give them back as the ``OSError`` they are (ENOSPC when the disk is full), naming the file."""
+    text = str(e)
+    if not any(s in text for s in ("basic_ios", "inline_container", "PytorchStreamWriter", "file write failed")):
+        return e
+    try:
+        st = os.statvfs(target.parent)
+        full = st.f_bavail * st.f_frsize < (1 << 20)
+    except OSError:
+        full = False
+    code = errno.ENOSPC if full else errno.EIO
+    return OSError(code, os.strerror(code) + f" while writing (torch: {text.splitlines()[0][:120]})", str(target))
+
+
 def atomic_write(target: str | os.PathLike, write) -> Path:
     """Call ``write(tmp_path)`` then rename onto ``target``, so readers never see half a file."""
     target = Path(target)
@@ -321,7 +423,10 @@ def atomic_write(target: str | os.PathLike, write) -> Path:
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except RuntimeError as e:
+            raise _as_os_error(e, target) from e
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions

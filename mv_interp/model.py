@@ -35,9 +35,12 @@ from typing import Any
 import torch
 from nnsight import NNsight
 from nnsight.intervention.batching import Batcher
-from torch import Tensor
+from nnsight.intervention.envoy import Envoy
+from torch import Tensor, nn
 
 from .adapters.base import MultiViewModel
+from .errors import OutOfRangeError, UserError
+from .images import check_views
 from .hooks import HookPoint
 
 
@@ -89,6 +92,17 @@ class ViewBatcher(Batcher):
         return super().assemble_skip(running)
 
 
+class BlocksEnvoy(Envoy):
+    """Envoy of a block list that says which indices exist (``model.dec_blocks[9]`` on 8 blocks)."""
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, int) and not -len(self) <= key < len(self):
+            name = self.path.split(".", 1)[-1]
+            raise OutOfRangeError(f"{name}[{key}] is out of range: {name} has {len(self)} blocks "
+                                  f"(valid: 0..{len(self) - 1}, or negative from the end)")
+        return super().__getitem__(key)
+
+
 def _as_views(args: Sequence[Any], model: MultiViewModel) -> tuple[Tensor, ...]:
     views = []
     for a in args:
@@ -98,19 +112,14 @@ def _as_views(args: Sequence[Any], model: MultiViewModel) -> tuple[Tensor, ...]:
             from .images import load_images
 
             a = load_images([a], size=max(model.config.img_size), patch=model.patch_size)
-        if not isinstance(a, Tensor):
-            raise TypeError(
-                f"a view must be an image tensor [batch, 3, H, W] in [-1, 1], a dict with 'img', or an image path; "
-                f"got {type(a).__name__}"
-            )
-        if a.ndim == 3:
+        if isinstance(a, Tensor) and a.ndim == 3:
             a = a.unsqueeze(0)
-        if a.ndim != 4 or a.shape[1] != 3:
-            raise ValueError(f"a view must have shape [batch, 3, H, W] (or [3, H, W]); got {tuple(a.shape)}")
         views.append(a)
     n = model.fixed_n_views
     if n is not None and len(views) != n:
-        raise ValueError(f"{type(model).__name__} takes {n} views, got {len(views)}")
+        raise UserError(f"{type(model).__name__} takes {n} views, got {len(views)}")
+    # types, layouts and empty batches now, before nnsight batches them; values at the forward
+    check_views(views, patch=model.patch_size, values=False)
     return tuple(views)
 
 
@@ -125,6 +134,7 @@ class MVModel(NNsight):
     _batcher_class = ViewBatcher
 
     def __init__(self, module: MultiViewModel, **kwargs: Any) -> None:
+        kwargs.setdefault("envoys", {nn.ModuleList: BlocksEnvoy})
         super().__init__(module, **kwargs)
         ref = weakref.ref(self.interleaver)
         for name, hp in module.hook_dict.items():
@@ -204,15 +214,15 @@ class MVModel(NNsight):
         return self._module.run_with_cache(*_as_views(views, self._module), names_filter=names_filter,
                                            device=device, **kwargs)
 
-    def run_with_hooks(self, *views: Any, fwd_hooks: Sequence = (), reset_hooks_end: bool = True,
-                       bwd_hooks: Sequence = (), **kwargs: Any):
+    def run_with_hooks(self, *views: Any, fwd_hooks: Any = (), reset_hooks_end: bool = True,
+                       bwd_hooks: Any = (), **kwargs: Any):
         """Run with temporary forward / backward hooks (TransformerLens semantics; refused inside an
         nnsight trace and on a model carrying nnsight edits)."""
         self._refuse_inside_nnsight("run_with_hooks")
         return self._module.run_with_hooks(*_as_views(views, self._module), fwd_hooks=fwd_hooks,
                                            reset_hooks_end=reset_hooks_end, bwd_hooks=bwd_hooks, **kwargs)
 
-    def hooks(self, fwd_hooks: Sequence = (), reset_hooks_end: bool = True, bwd_hooks: Sequence = ()):
+    def hooks(self, fwd_hooks: Any = (), reset_hooks_end: bool = True, bwd_hooks: Any = ()):
         return self._module.hooks(fwd_hooks, reset_hooks_end, bwd_hooks=bwd_hooks)
 
     # -- shape inference ------------------------------------------------------------------

@@ -72,6 +72,7 @@ from .adapters.base import (
     pattern_blocks,
     view_tokens,
 )
+from .errors import UnknownNameError, WrongTypeError
 
 __all__ = [
     "CheckContext", "CheckResult", "ConformityReport", "SkipCheck", "check_adapter", "list_checks", "register_check",
@@ -144,7 +145,7 @@ class ConformityReport:
         for r in self.results:
             if r.name == name:
                 return r
-        raise KeyError(f"no check {name!r} in this report; ran: {[r.name for r in self.results]}")
+        raise UnknownNameError(f"no check {name!r} in this report; ran: {[r.name for r in self.results]}")
 
     def __str__(self) -> str:
         counts = {s: sum(r.status == s for r in self.results) for s in ("passed", "failed", "error", "skipped")}
@@ -286,7 +287,7 @@ def check_adapter(
     """
     module = getattr(model, "_module", model)
     if not isinstance(module, MultiViewModel):
-        raise TypeError("check_adapter needs a MultiViewModel (or an MVModel wrapping one), "
+        raise WrongTypeError("check_adapter needs a MultiViewModel (or an MVModel wrapping one), "
                         f"got {type(module).__name__}")
     if batch < 2:
         raise ValueError("batch must be at least 2 (a batch of one cannot show samples leaking into each other), "
@@ -294,7 +295,7 @@ def check_adapter(
     names = list(checks) if checks is not None else list_checks()
     unknown = sorted((set(names) | set(skip)) - set(_CHECKS))
     if unknown:
-        raise KeyError(f"unknown conformity check(s) {unknown}; registered: {list_checks()}")
+        raise UnknownNameError(f"unknown conformity check(s) {unknown}; registered: {list_checks()}")
     p = module.patch_size
     size = tuple(size) if size is not None else (2 * p, 3 * p)
     if size[0] % p or size[1] % p:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from ..errors import ConfigError, UnknownNameError, UserError, suggest
 from ..hooks import HookedRootModule
 
 # --------------------------------------------------------------------------------------
@@ -187,8 +189,86 @@ def _from_jsonable(value: Any) -> Any:
     return value
 
 
+_POSITIVE_SUFFIXES = ("_dim", "_depth", "_heads", "patch_size", "_ids", "_ratio", "_eps")
+_ROPE = re.compile(r"RoPE(\d+(\.\d*)?)?")
+_POINT_MODES, _CONF_MODES = ("exp", "square", "linear"), ("exp", "sigmoid")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 class ConfigMixin:
-    """JSON round-trip for frozen config dataclasses (``inf`` written as ``"inf"``)."""
+    """JSON round-trip for frozen config dataclasses (``inf`` written as ``"inf"``), and
+    :meth:`check_fields`, the type and range check every family's ``__post_init__`` runs first."""
+
+    #: model configs: :meth:`from_dict` checks field types and ranges before building the dataclass
+    checks_field_types: ClassVar[bool] = False
+
+    def check_fields(self) -> None:
+        """Raise :class:`~mv_interp.errors.ConfigError` naming the field, the value and what it must be
+        (see :meth:`check_values`)."""
+        self.check_values({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})  # type: ignore[arg-type]
+
+    @classmethod
+    def check_values(cls, values: Mapping[str, Any]) -> None:
+        """Check field values before the dataclass is built (so runtime type checkers never see them first).
+
+        Types come from the field annotations (``int``, ``float``, ``str``, ``bool``, ``tuple``,
+        ``tuple[int, int]``, optionally ``| None``); widths, depths, head counts, patch sizes, ratios
+        and epsilons must be positive; ``pos_embed`` must be ``"RoPE<base>"``; ``depth_mode`` /
+        ``conf_mode`` ``(mode, vmin, vmax)`` with a known mode.
+        """
+        name = cls.__name__
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            if f.name not in values:
+                continue
+            v, ann = values[f.name], str(f.type).replace(" ", "")
+            optional = ann.endswith("|None") or ann.startswith("None|")
+            base = ann.replace("|None", "").replace("None|", "")
+            if v is None and optional:
+                continue
+
+            def bad(what: str) -> ConfigError:
+                return ConfigError(f"{name}.{f.name} must be {what}, got {v!r} ({type(v).__name__}); "
+                                   "fix it in config.json / the config you pass")
+
+            positive = f.name.endswith(_POSITIVE_SUFFIXES)
+            if base == "int":
+                if not _is_int(v) or (positive and v < 1):
+                    raise bad("a positive integer" if positive else "an integer")
+            elif base == "float":
+                if not _is_number(v) or not math.isfinite(v) or (positive and v <= 0):
+                    raise bad("a positive number" if positive else "a finite number")
+            elif base == "str":
+                if not isinstance(v, str):
+                    raise bad("a string")
+            elif base == "bool":
+                if not isinstance(v, bool):
+                    raise bad("true or false")
+            elif base == "tuple[int,int]":
+                pair = (v, v) if _is_int(v) else v
+                if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(_is_int(x) and x > 0 for x in pair)):
+                    raise bad("a positive integer or a pair (H, W) of them")
+            elif base.startswith("tuple"):
+                if not isinstance(v, (tuple, list)):
+                    raise bad("a list / tuple")
+        pos = values.get("pos_embed")
+        if isinstance(pos, str) and not _ROPE.fullmatch(pos):
+            raise ConfigError(f"{name}.pos_embed={pos!r} is not supported: mv_interp implements RoPE2D, written "
+                              "'RoPE<base>' (e.g. 'RoPE100', which every released checkpoint uses)")
+        for key, modes in (("depth_mode", _POINT_MODES), ("conf_mode", _CONF_MODES), ("desc_conf_mode", _CONF_MODES)):
+            mode = values.get(key)
+            if mode is None:
+                continue
+            if not (isinstance(mode, (tuple, list)) and len(mode) == 3 and mode[0] in modes
+                    and all(_is_number(x) for x in mode[1:]) and mode[1] <= mode[2]):
+                raise ConfigError(f"{name}.{key}={mode!r} must be (mode, vmin, vmax) with mode one of {list(modes)} "
+                                  "and numbers vmin <= vmax (e.g. ('exp', 1, inf))")
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
@@ -201,11 +281,15 @@ class ConfigMixin:
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; valid fields: {sorted(names)}")
+            hints = "".join(suggest(u, names) for u in unknown)
+            raise ConfigError(f"{cls.__name__}: unknown field(s) {unknown}; valid fields: {sorted(names)}.{hints}")
         values = {k: _from_jsonable(v) for k, v in data.items()}
         from ..configs import check_fields  # typed validation of user-written configs: field, type, value
 
-        return cls(**check_fields(cls, values, given=data))
+        values = check_fields(cls, values, given=data)
+        if cls.checks_field_types:
+            cls.check_values(values)
+        return cls(**values)
 
     def replace(self, **changes: Any):
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
@@ -234,6 +318,14 @@ class MultiViewModel(HookedRootModule):
     #: glob patterns of hooks on tokens without a patch grid (VGGT's camera trunk: one token per
     #: view), which are no probe or attention site; the conformity suite's site checks skip them
     off_grid_hooks: ClassVar[tuple[str, ...]] = ()
+    #: validate the positional views of every forward (:func:`mv_interp.images.check_views`):
+    #: float ``[batch, 3, H, W]``, finite, on the model's device, the right number of them
+    check_inputs: ClassVar[bool] = True
+
+    def setup(self) -> None:
+        super().setup()
+        if not any(h is _check_forward_inputs for h in self._forward_pre_hooks.values()):
+            self.register_forward_pre_hook(_check_forward_inputs)
 
     def default_n_views(self, n_views: int | None = None) -> int:
         """``n_views`` checked against :attr:`fixed_n_views` (default: the fixed number, else 2)."""
@@ -306,6 +398,21 @@ class MultiViewModel(HookedRootModule):
         if getattr(self, "_hook_order", None) is None:
             self._hook_order = [n for n, _ in self.hook_table()]
         return list(self._hook_order)
+
+
+def _check_forward_inputs(module: MultiViewModel, args: tuple) -> None:
+    # a pre-hook rather than code in each family's forward: one check for every adapter
+    if not module.check_inputs:
+        return
+    from ..images import check_views
+
+    n, name = module.fixed_n_views, type(module).__name__
+    if n is not None and len(args) != n:
+        raise UserError(f"{name} takes {n} views (images [batch, 3, H, W]), got {len(args)} positional argument(s)")
+    if n is None and len(args) < 2:
+        raise UserError(f"{name} takes at least 2 views (images [batch, 3, H, W]), got {len(args)}")
+    param = next(module.parameters(), None)
+    check_views(args, device=param.device if param is not None else None, patch=module.patch_size)
 
 
 # --------------------------------------------------------------------------------------
@@ -418,8 +525,9 @@ def get_adapter(name: str) -> Adapter:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise KeyError(
-            f"no adapter named {name!r}; registered: {sorted(_REGISTRY)}. A third-party family registers "
+        raise UnknownNameError(
+            f"no adapter (model family) named {name!r}; registered: {sorted(_REGISTRY)}.{suggest(name, _REGISTRY)} "
+            "A third-party family registers "
             f"itself with register_adapter() in a module named by an {ENTRY_POINT_GROUP!r} entry point"
         ) from None
 
@@ -444,4 +552,4 @@ def adapter_for_model(model: Any) -> Adapter:
     for a in adapters():
         if isinstance(model, a.model_cls):
             return a
-    raise KeyError(f"no registered adapter builds {type(model).__name__}; register one with register_adapter()")
+    raise UnknownNameError(f"no registered adapter builds {type(model).__name__}; register one with register_adapter()")

@@ -15,6 +15,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from ..errors import ConfigError, OutOfRangeError, suggest
 from ..hooks import HookPoint
 from ..layers import (
     DecoderBlock,
@@ -37,6 +38,8 @@ INF = math.inf
 @dataclass(frozen=True)
 class DUSt3RConfig(ConfigMixin):
     """Architecture of a DUSt3R-family model (defaults: DUSt3R_ViTLarge_BaseDecoder_224_linear)."""
+
+    checks_field_types = True
 
     img_size: tuple[int, int] = (224, 224)
     """(H, W) the model was trained at; any multiple of ``patch_size`` runs."""
@@ -74,6 +77,7 @@ class DUSt3RConfig(ConfigMixin):
     """Upstream flag for transposing portrait inputs; heads here handle any aspect."""
 
     def __post_init__(self) -> None:
+        self.check_fields()
         object.__setattr__(self, "img_size", _pair(self.img_size))
         object.__setattr__(self, "depth_mode", tuple(self.depth_mode))
         object.__setattr__(self, "conf_mode", tuple(self.conf_mode))
@@ -155,20 +159,21 @@ def config_from_constructor(kwargs: dict[str, Any], config_cls: type = DUSt3RCon
     ignored = IGNORED_KWARGS | set(extra_ignored)
     unknown = sorted(set(kwargs) - known - ignored)
     if unknown:
-        raise ValueError(
-            f"checkpoint constructor has keyword(s) {unknown} that mv_interp does not know; "
-            f"known: {sorted(known | ignored)}"
+        raise ConfigError(
+            f"checkpoint constructor / config.json has keyword(s) {unknown} that mv_interp does not know."
+            + "".join(suggest(u, known) for u in unknown) + f" Known: {sorted(known | ignored)}"
         )
     if kwargs.get("norm_im2_in_dec") is False:
         raise ValueError("norm_im2_in_dec=False is not supported (every released checkpoint uses True)")
     merged = {**{k: v for k, v in defaults.items() if k in known}, **{k: v for k, v in kwargs.items() if k in known}}
-    if "img_size" in merged:
+    if isinstance(merged.get("img_size"), int):
         merged["img_size"] = _pair(merged["img_size"])
     for key in ("mlp_ratio", "norm_eps"):
-        if key in merged:
-            merged[key] = float(merged[key])
+        if isinstance(merged.get(key), int) and not isinstance(merged[key], bool):
+            merged[key] = float(merged[key])  # other types are left for the config's field check
     if merged.get("patch_embed_cls") == "ManyAR_PatchEmbed":
         merged["patch_embed_cls"] = "PatchEmbedDust3R"  # same weights and maths for one aspect ratio per batch
+    config_cls.check_values(merged)
     return config_cls(**merged)
 
 
@@ -317,7 +322,7 @@ class HookedDUSt3R(MultiViewModel):
         else:
             raise ValueError(f"stack must be 'enc' or 'dec', got {stack!r}")
         if not -depth <= layer < depth:
-            raise IndexError(f"layer {layer} out of range for {prefix} (valid: 0..{depth - 1})")
+            raise OutOfRangeError(f"layer {layer} out of range for {prefix} (valid: 0..{depth - 1})")
         layer %= depth
         if name.startswith("cross_") and name[6:] in self._ATTN:
             if stack == "enc":

@@ -49,6 +49,7 @@ from einops import rearrange
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from ..errors import OutOfRangeError
 from ..hooks import HookPoint
 from ..layers import (
     DPTHead,
@@ -74,6 +75,8 @@ ImageIds = Union[Int[Tensor, "batch view"], Int[Tensor, "view"], Sequence[int], 
 @dataclass(frozen=True)
 class Fast3RConfig(ConfigMixin):
     """Architecture of a Fast3R model with a CroCo encoder and the ``fast3r`` fusion decoder."""
+
+    checks_field_types = True
 
     img_size: tuple[int, int] = (512, 512)
     """(H, W) the model was trained at; any multiple of ``patch_size`` runs."""
@@ -130,6 +133,7 @@ class Fast3RConfig(ConfigMixin):
     """Upstream flag for transposing portrait inputs; heads here handle any aspect."""
 
     def __post_init__(self) -> None:
+        self.check_fields()
         object.__setattr__(self, "img_size", _pair(self.img_size))
         object.__setattr__(self, "enc_mlp_ratio", float(self.enc_mlp_ratio))
         object.__setattr__(self, "dec_mlp_ratio", float(self.dec_mlp_ratio))
@@ -298,9 +302,12 @@ def fast3r_config_from_constructor(kwargs: dict[str, Any]) -> Fast3RConfig:
                 fields[table[key]] = value
     if fields.get("patch_embed_cls") == "ManyAR_PatchEmbed":
         fields["patch_embed_cls"] = "PatchEmbedDust3R"  # same weights and maths for one aspect ratio per batch
-    fields["img_size"] = _pair(fields["img_size"])  # upstream allows one int for a square size
+    if isinstance(fields["img_size"], int):
+        fields["img_size"] = _pair(fields["img_size"])  # upstream allows one int for a square size
     for key in ("enc_mlp_ratio", "dec_mlp_ratio"):
-        fields[key] = float(fields[key])
+        if isinstance(fields.get(key), int) and not isinstance(fields[key], bool):
+            fields[key] = float(fields[key])
+    Fast3RConfig.check_values(fields)
     return Fast3RConfig(**fields)
 
 
@@ -513,7 +520,7 @@ class HookedFast3R(MultiViewModel):
         prefix, depth = (("encoder.enc_blocks", self.config.enc_depth) if stack == "enc"
                          else ("decoder.dec_blocks", self.config.dec_depth))
         if not -depth <= layer < depth:
-            raise IndexError(f"layer {layer} out of range for {prefix} (valid: 0..{depth - 1})")
+            raise OutOfRangeError(f"layer {layer} out of range for {prefix} (valid: 0..{depth - 1})")
         layer %= depth
         if name in self._ATTN:
             return f"{prefix}.{layer}.attn.{self._ATTN[name]}"

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import UserError
 from ..images import _resize_long_side, crop_box, to_image, to_tensor
 from ..loading import atomic_write
 from .geometry import complete_view, crop_intrinsics, resize_intrinsics
@@ -40,10 +41,12 @@ INDEX = "index.json"
 FORMAT = "mv-interp-capture"
 VERSION = 1
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+#: largest distance of the principal point from the image centre, as a fraction of the image size
+PRINCIPAL_POINT_TOLERANCE = 0.2
 DEPTH_EXTS = (".depth.npy", ".depth.exr", ".depth.png")
 
 
-class CaptureError(ValueError):
+class CaptureError(UserError):
     """Bad data in a capture directory; the message names the file and the problem."""
 
 
@@ -79,11 +82,34 @@ def read_index(root: str | os.PathLike) -> list[tuple[str, ...]]:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CaptureError(f"{path}: not valid JSON ({e})") from None
+    if isinstance(data, dict):
+        if data.get("format", FORMAT) != FORMAT:
+            raise CaptureError(f"{path}: \"format\" is {data['format']!r}, not {FORMAT!r}; this is not an mv_interp "
+                               "capture index (see docs/data.md)")
+        if data.get("version", VERSION) != VERSION:
+            raise CaptureError(f"{path}: index version {data['version']!r} is not supported (this mv_interp reads "
+                               f"version {VERSION}); upgrade mv_interp or rewrite the index")
     tuples = data.get("tuples") if isinstance(data, dict) else None
     if not isinstance(tuples, list) or not all(isinstance(t, list) and len(t) >= 2 and all(isinstance(s, str) for s in t)
                                                for t in tuples):
         raise CaptureError(f"{path}: \"tuples\" must be a list of lists of at least 2 view stems (strings)")
+    for t in tuples:
+        for stem in t:
+            check_stem(root, stem)
     return [tuple(t) for t in tuples]
+
+
+def check_stem(root: str | os.PathLike, stem: str) -> Path:
+    """``root/stem``, refusing stems that are absolute or climb out of the capture root."""
+    parts = Path(stem).parts
+    if not stem or Path(stem).is_absolute() or ".." in parts or "\\" in stem:
+        raise CaptureError(f"{Path(root) / INDEX}: view stem {stem!r} must be a relative path inside the capture "
+                           "root (no leading '/', no '..'), e.g. 'kitchen/0001'")
+    path = Path(root) / stem
+    if not path.parent.resolve().is_relative_to(Path(root).resolve()):
+        raise CaptureError(f"{Path(root) / INDEX}: view stem {stem!r} leads outside the capture root "
+                           f"{Path(root)} (through a symbolic link); copy the files into the capture instead")
+    return path
 
 
 def _find(stem: Path, exts: Sequence[str], what: str, required: bool = True) -> Path | None:
@@ -197,6 +223,15 @@ def check_camera(K: np.ndarray, cam2world: np.ndarray, height: int, width: int, 
     if not (-0.5 <= cx <= width - 0.5 and -0.5 <= cy <= height - 0.5):
         raise CaptureError(f"{where}: principal point ({cx:.1f}, {cy:.1f}) lies outside the {width}x{height} image; "
                            "are the intrinsics for another resolution?")
+    # K of a 2x (0.5x) resolution puts the principal point at the image's edge (a quarter in): a
+    # real camera's lies near the centre, and centre crops keep it there
+    off_x, off_y = abs(cx - (width - 1) / 2) / width, abs(cy - (height - 1) / 2) / height
+    if max(off_x, off_y) > PRINCIPAL_POINT_TOLERANCE:
+        raise CaptureError(
+            f"{where}: principal point ({cx:.1f}, {cy:.1f}) is {100 * max(off_x, off_y):.0f}% of the image size away "
+            f"from the centre of the {width}x{height} image (at most {100 * PRINCIPAL_POINT_TOLERANCE:.0f}% is "
+            "accepted); the intrinsics are probably for another resolution: scale K with the image"
+        )
 
 
 def check_depth(depth: np.ndarray, valid: np.ndarray | None, where: str) -> np.ndarray:
@@ -222,7 +257,7 @@ def read_view(root: str | os.PathLike, stem: str) -> RawView:
     """Read and validate one view (raises :class:`CaptureError` naming the offending file)."""
     from PIL import Image
 
-    base = Path(root) / stem
+    base = check_stem(root, stem)
     img_path = _find(base, IMAGE_EXTS, "image")
     depth_path = _find(base, DEPTH_EXTS, "depth map")
     cam_path = _find(base, (".json",), "camera file")
@@ -245,6 +280,10 @@ def read_view(root: str | os.PathLike, stem: str) -> RawView:
         if mask.shape != (H, W):
             raise CaptureError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} (WxH) but the image is {W}x{H}")
     valid = check_depth(depth, mask, str(depth_path) + (f" (mask {mask_path.name})" if mask_path else ""))
+    if not valid.any():
+        raise CaptureError(f"{depth_path}: the view has no valid pixel (every depth is 0, NaN or inf"
+                           + (f", or the mask {mask_path.name} is empty" if mask_path else "")
+                           + "); it cannot supervise anything: fix the depth map or drop the view from index.json")
     try:
         cam = json.loads(cam_path.read_text())
         K = np.asarray(cam["intrinsics"], dtype=np.float64)
@@ -429,6 +468,6 @@ def write_capture(views: Sequence[dict[str, Tensor]], root: str | os.PathLike, n
     return tuples
 
 
-__all__ = ["CaptureDataset", "CaptureError", "MissingFileError", "RawView", "check_camera", "check_capture",
+__all__ = ["CaptureDataset", "CaptureError", "MissingFileError", "RawView", "check_camera", "check_capture", "check_stem",
            "check_depth", "load_tuple", "prepare_view", "read_depth", "read_exr", "read_index", "read_view",
            "update_index", "write_capture", "write_view"]

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..adapters.base import pattern_blocks
+from ..errors import OutOfRangeError, UnknownNameError
 from ..loading import atomic_write
 from ..metrics import patch_centres
 from .result import HeadRef, HeadScores, group_title, px_label, rows_by_group
@@ -243,7 +244,7 @@ def _one_pair(model: Any, views: Any, sample: int) -> tuple[Any, list[dict[str, 
     vs = _as_views(views, "views")
     n = vs[0]["img"].shape[0]
     if not 0 <= sample < n:
-        raise IndexError(f"sample={sample} but the batch holds {n} pairs")
+        raise OutOfRangeError(f"sample={sample} but the batch holds {n} pairs")
     return module, [{k: t[sample : sample + 1] for k, t in v.items() if isinstance(t, Tensor)} for v in vs]
 
 
@@ -256,7 +257,7 @@ def _read_blocks(module, views: list[dict[str, Tensor]], refs: Sequence[HeadRef]
     sites = {s.name: s for s in _call_sites(module.attention_sites, n_views)}
     missing = sorted({r.site for r in refs} - set(sites))
     if missing:
-        raise KeyError(f"no attention site named {missing}; sites: {sorted(sites)[:12]}")
+        raise UnknownNameError(f"no attention site named {missing}; sites: {sorted(sites)[:12]}")
     wanted = {r.site for r in refs}
     imgs = [v["img"].to(module.device) for v in views]
     with torch.no_grad():

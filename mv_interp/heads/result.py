@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..adapters.base import AttentionSite, ConfigMixin
+from ..errors import UnknownNameError
 from ..hooks import natural_key
 from ..loading import atomic_write
 from .scoring import ScoreConfig, UnitInfo
@@ -209,7 +210,7 @@ class HeadScores:
         for u in self.units:
             if u.key == (site, query_view, key_view):
                 return u
-        raise KeyError(f"no scored block {site!r} {query_view}->{key_view}; blocks: "
+        raise UnknownNameError(f"no scored block {site!r} {query_view}->{key_view}; blocks: "
                        f"{[f'{u.site.name} {u.query_view}->{u.key_view}' for u in self.units][:12]}")
 
     def metrics(self, unit: UnitInfo) -> dict[str, Tensor]:

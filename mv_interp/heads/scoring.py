@@ -44,6 +44,7 @@ from torch import Tensor
 
 from .. import distributed as D
 from ..adapters.base import AttentionSite, ConfigMixin, MultiViewModel, ProbeSite, pattern_blocks, view_tokens
+from ..errors import WrongTypeError
 from .targets import Correspondence, centre_distance, correspondence_targets, grid_distance
 
 __all__ = [
@@ -337,7 +338,7 @@ def _input_residual(site: AttentionSite, key_view: int, probes: Sequence[ProbeSi
 def _module(model: Any) -> MultiViewModel:
     module = getattr(model, "module", model) if not isinstance(model, MultiViewModel) else model
     if not isinstance(module, MultiViewModel):
-        raise TypeError(f"expected an mv_interp model (mv_interp.load_model(...)), got {type(model).__name__}")
+        raise WrongTypeError(f"expected an mv_interp model (mv_interp.load_model(...)), got {type(model).__name__}")
     return module
 
 

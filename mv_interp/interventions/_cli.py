@@ -17,18 +17,6 @@ from typing import Any
 from .._cli import add_long_side_arg, add_model_args, load_from_args
 
 
-def _user_errors(fn):
-    # the top-level CLI prints ValueError/KeyError/FileNotFoundError as one line; range errors
-    # (IndexError) and wrong-object errors (TypeError) are user errors here too
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return fn(args)
-        except (IndexError, TypeError) as e:
-            raise ValueError(str(e)) from None
-
-    return run
-
-
 def _load_pairs(model: Any, pairs: list[list[str]], size: int | None) -> list[tuple[Any, ...]]:
     """Load image pairs at the model's input size, all cropped to one common shape."""
     from ..images import load_images
@@ -70,7 +58,6 @@ def change_summary(model: Any, before: Any, after: Any) -> dict[str, Any]:
             "scale_invariant_pointmap_distance": float(scale_invariant_pointmap_distance(va, vb).mean())}
 
 
-@_user_errors
 def _intervene(args: argparse.Namespace) -> int:
     import torch
     from safetensors.torch import save_file
@@ -121,7 +108,6 @@ def _intervene(args: argparse.Namespace) -> int:
     return 0
 
 
-@_user_errors
 def _patch(args: argparse.Namespace) -> int:
     from .metrics import BUILTIN_METRICS
     from .patching import patching_sweep
@@ -153,7 +139,6 @@ def _patch(args: argparse.Namespace) -> int:
     return 0
 
 
-@_user_errors
 def _means(args: argparse.Namespace) -> int:
     from .means import head_means
 

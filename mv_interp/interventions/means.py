@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import UnknownNameError
 from .sites import hook_info, hooked_module, n_views_for
 
 FORMAT = "mv_interp.mean_activations/1"
@@ -45,7 +46,7 @@ class MeanActivations(Mapping):
         try:
             return self._means[hook]
         except KeyError:
-            raise KeyError(f"no mean activation for {hook!r}; these means cover {sorted(self._means)[:6]}"
+            raise UnknownNameError(f"no mean activation for {hook!r}; these means cover {sorted(self._means)[:6]}"
                            f"{' …' if len(self._means) > 6 else ''}. Compute them with compute_means(..., "
                            f"hooks=[{hook!r}])") from None
 

@@ -11,6 +11,8 @@ scalar or one value per example (averaged over the batch). A metric that needs g
 
 from __future__ import annotations
 
+from ..errors import OutOfRangeError
+
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -27,7 +29,7 @@ def _pick(outputs: Outputs, views: Sequence[int] | None) -> list[Mapping[str, Te
         return list(outputs)
     for v in views:
         if not 1 <= v <= len(outputs):
-            raise IndexError(f"view {v} out of range: the outputs hold {len(outputs)} views (valid: 1..{len(outputs)})")
+            raise OutOfRangeError(f"view {v} out of range: the outputs hold {len(outputs)} views (valid: 1..{len(outputs)})")
     return [outputs[v - 1] for v in views]
 
 

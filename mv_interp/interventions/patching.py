@@ -28,6 +28,7 @@ import nnsight
 import torch
 from torch import Tensor
 
+from ..errors import OutOfRangeError, UnknownNameError, WrongTypeError
 from .metrics import Metric, distance_to, metric_name, reduce_metric
 from .sites import hooked_module
 from .specs import ActivationPatch, Intervention, read_source_nnsight
@@ -87,7 +88,7 @@ def read_clean_nnsight(model: Any, clean: Sequence[Any], hooks: Sequence[str]) -
 
 def _require_nnsight(model: Any) -> None:
     if not hasattr(model, "_module"):
-        raise TypeError("methods 'traces' and 'invokes' need the nnsight-wrapped model (mv_interp.MVModel); "
+        raise WrongTypeError("methods 'traces' and 'invokes' need the nnsight-wrapped model (mv_interp.MVModel); "
                         "use method='hooks' with a plain module")
 
 
@@ -133,13 +134,13 @@ class PatchingSweep:
     def cell(self, site: str, layer: int, inner: int | None = None) -> float:
         """The value at one cell, by labels."""
         if site not in self.sites:
-            raise KeyError(f"site {site!r} not in this sweep; sites: {self.sites}")
+            raise UnknownNameError(f"site {site!r} not in this sweep; sites: {self.sites}")
         if layer not in self.layers:
-            raise KeyError(f"layer {layer} not in this sweep; layers: {self.layers}")
+            raise UnknownNameError(f"layer {layer} not in this sweep; layers: {self.layers}")
         v = self.values[self.sites.index(site), self.layers.index(layer)]
         if self.inner is not None:
             if inner is None or inner not in self.inner:
-                raise KeyError(f"give the {self.per} (one of {self.inner})")
+                raise UnknownNameError(f"give the {self.per} (one of {self.inner})")
             v = v[self.inner.index(inner)]
         return float(v)
 
@@ -287,13 +288,13 @@ def sweep_cells(model: Any, per: str = "site", *, stack: str = "dec", kinds: Seq
         have_views = sorted({e[3] for e in entries})
         for v in views:
             if v not in have_views:
-                raise IndexError(f"view {v} out of range for this sweep (valid views: {have_views})")
+                raise OutOfRangeError(f"view {v} out of range for this sweep (valid views: {have_views})")
         entries = [e for e in entries if e[3] in views]
     all_layers = sorted({e[1] for e in entries})
     if layers is not None:
         for layer in layers:
             if layer not in all_layers:
-                raise IndexError(f"layer {layer} out of range for the {stack} sweep "
+                raise OutOfRangeError(f"layer {layer} out of range for the {stack} sweep "
                                  f"(valid: {all_layers[0]}..{all_layers[-1]})")
         entries = [e for e in entries if e[1] in layers]
     if not entries:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..adapters.base import AttentionSite, MultiViewModel
+from ..errors import OutOfRangeError, UnknownNameError, WrongTypeError
 
 # axis roles of the hooks the shared attention core exposes (TransformerLens names)
 _ATTN_AXES = {
@@ -38,7 +39,7 @@ def hooked_module(model: Any) -> MultiViewModel:
     """The plain hooked module of an :class:`~mv_interp.model.MVModel` (or the module itself)."""
     module = getattr(model, "_module", model)
     if not isinstance(module, MultiViewModel):
-        raise TypeError(f"expected an mv_interp model (MVModel or MultiViewModel), got {type(model).__name__}")
+        raise WrongTypeError(f"expected an mv_interp model (MVModel or MultiViewModel), got {type(model).__name__}")
     return module
 
 
@@ -46,7 +47,7 @@ def check_hook(model: Any, name: str) -> str:
     """``name`` if the model has that hook point, else a KeyError listing similar names."""
     module = hooked_module(model)
     if name not in module.hook_dict:
-        raise KeyError(module._unknown_hook_message(name))
+        raise UnknownNameError(module._unknown_hook_message(name))
     return name
 
 
@@ -89,7 +90,7 @@ def envoy(model: Any, name: str) -> Any:
     """The nnsight envoy of hook ``name`` (``model.dec_blocks2[1].attn.hook_pattern`` for
     ``"dec_blocks2.1.attn.hook_pattern"``)."""
     if not hasattr(model, "_module"):
-        raise TypeError("apply_nnsight needs the nnsight-wrapped model (mv_interp.MVModel), not the plain module; "
+        raise WrongTypeError("apply_nnsight needs the nnsight-wrapped model (mv_interp.MVModel), not the plain module; "
                         "use fwd_hooks() with a plain module")
     obj = model
     for part in name.split("."):
@@ -161,7 +162,7 @@ def resolve_attention_sites(
     chosen = valid_layers if layers == "all" else list(layers)
     for layer in chosen:
         if layer not in valid_layers:
-            raise IndexError(f"layer {layer} out of range for {stack} {kind}-attention (valid: {lo}..{hi})")
+            raise OutOfRangeError(f"layer {layer} out of range for {stack} {kind}-attention (valid: {lo}..{hi})")
     out = []
     for layer in chosen:
         at_layer = [s for s in of_kind if s.layer == layer]
@@ -171,7 +172,7 @@ def resolve_attention_sites(
         match = [s for s in at_layer if _query_views(s) is None or view in _query_views(s)]
         if not match:
             views = sorted({v for s in at_layer for v in _query_views(s) or ()})
-            raise IndexError(f"view {view} has no {stack} {kind}-attention queries at layer {layer} "
+            raise OutOfRangeError(f"view {view} has no {stack} {kind}-attention queries at layer {layer} "
                              f"(valid views: {', '.join(map(str, views))})")
         out.extend(match)
     return out
@@ -183,7 +184,7 @@ def check_heads(heads: Sequence[int] | str, site: AttentionSite) -> list[int]:
         return list(range(site.n_heads))
     for h in heads:
         if not 0 <= h < site.n_heads:
-            raise IndexError(f"head {h} out of range for {site.name} (valid: 0..{site.n_heads - 1})")
+            raise OutOfRangeError(f"head {h} out of range for {site.name} (valid: 0..{site.n_heads - 1})")
     return list(heads)
 
 
@@ -211,7 +212,7 @@ def attention_block(site: AttentionSite, shape: Sequence[int], n_views: int | No
     B, _, Nq, Nk = shape
     everything = slice(None)
     if key_view is not None and key_view not in site.key_views and site.layout != "global":
-        raise IndexError(f"key_view {key_view} is not a key view of {site.name} "
+        raise OutOfRangeError(f"key_view {key_view} is not a key view of {site.name} "
                          f"(valid: {', '.join(map(str, site.key_views))})")
     if site.layout == "view":
         q, nq = everything, Nq
@@ -248,7 +249,7 @@ def attention_block(site: AttentionSite, shape: Sequence[int], n_views: int | No
         P = Nq // n_views
         for v, what in ((view, "view"), (key_view, "key_view")):
             if v is not None and not 1 <= v <= n_views:
-                raise IndexError(f"{what} {v} out of range for {site.name} (valid: 1..{n_views})")
+                raise OutOfRangeError(f"{what} {v} out of range for {site.name} (valid: 1..{n_views})")
         q = slice((view - 1) * P, view * P) if view is not None else everything
         k = slice((key_view - 1) * P, key_view * P) if key_view is not None else everything
         return Block(everything, q, k, P if view is not None else Nq, P if key_view is not None else Nk,
@@ -332,13 +333,13 @@ def token_rows_and_span(info: HookInfo, act: Tensor, view: int | None, n_views: 
         raise ValueError(f"the model's probe/attention sites do not say how {info.name} holds its views: patch it "
                          "whole (view=None)")
     if info.views is not None and view not in info.views:
-        raise IndexError(f"view {view} is not held by {info.name} (valid views: {', '.join(map(str, info.views))})")
+        raise OutOfRangeError(f"view {view} is not held by {info.name} (valid views: {', '.join(map(str, info.views))})")
     if info.layout == "view":
         return everything, everything, n_tok
     if info.layout in ("stacked", "concat"):
         n_views = _need_n_views(n_views, info.name)
         if not 1 <= view <= n_views:
-            raise IndexError(f"view {view} out of range for {info.name} in a run of {n_views} views "
+            raise OutOfRangeError(f"view {view} out of range for {info.name} in a run of {n_views} views "
                              f"(valid: 1..{n_views})")
     if info.layout == "stacked":
         if act.shape[0] % n_views:

@@ -36,6 +36,7 @@ from typing import Any, ClassVar, Union
 import torch
 from torch import Tensor
 
+from ..errors import OutOfRangeError, UnknownNameError
 from .sites import (
     HookInfo,
     attention_block,
@@ -371,7 +372,7 @@ class AttentionKnockout(Intervention):
             if self.key_view is not None and (nv is not None or site.layout != "global"):
                 valid = tuple(range(1, nv + 1)) if site.layout == "global" else site.key_views
                 if self.key_view not in valid:
-                    raise IndexError(f"key_view {self.key_view} is not a key view of {site.name} "
+                    raise OutOfRangeError(f"key_view {self.key_view} is not a key view of {site.name} "
                                      f"(valid: {', '.join(map(str, valid))})")
             if self.queries.kind == "others" and site.layout == "global" and self.view != self.key_view:
                 raise ValueError(f"queries='others' on {site.name} needs view == key_view (the same tokens)")
@@ -528,7 +529,7 @@ def _source_getter(source: Source | None, hook: str, what: str, spec_type: str) 
         try:
             return source[hook]
         except KeyError:
-            raise KeyError(f"source has no activation for {hook!r} ({what}); record it with "
+            raise UnknownNameError(f"source has no activation for {hook!r} ({what}); record it with "
                            f"run_with_cache(..., names_filter=[{hook!r}, ...])") from None
 
     return get

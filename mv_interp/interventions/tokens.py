@@ -28,6 +28,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from ..errors import OutOfRangeError
+
 KINDS = ("all", "index", "mask", "top_attended", "others")
 
 
@@ -197,7 +199,7 @@ class Tokens:
         if self.kind == "index":
             bad = [i for i in self.index if i >= n]
             if bad:
-                raise IndexError(f"token index {bad[0]} out of range for the {what}: it has {n} tokens "
+                raise OutOfRangeError(f"token index {bad[0]} out of range for the {what}: it has {n} tokens "
                                  f"(valid: 0..{n - 1})")
             m = torch.zeros(n, dtype=torch.bool)
             m[list(self.index)] = True
@@ -224,7 +226,7 @@ def top_attended_keys(
     """
     n_keys = pattern.shape[-1]
     if k > n_keys:
-        raise IndexError(f"top_attended k={k} exceeds the {n_keys} keys available (valid: 1..{n_keys})")
+        raise OutOfRangeError(f"top_attended k={k} exceeds the {n_keys} keys available (valid: 1..{n_keys})")
     # float64 so the tie-break offset stays far below any real difference of float32 means
     mass = pattern.float().mean(dim=-2).double()  # [batch, head, k_pos]
     if pool_heads:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..adapters.base import ConfigMixin
+from ..errors import WrongTypeError
 
 TARGETS = ("pointmap", "depth")
 #: Channels per pixel a probe of each target predicts: xyz + confidence, or depth + confidence.
@@ -80,7 +81,7 @@ def probe_spec(value: str | ProbeSpec | Mapping[str, Any]) -> ProbeSpec:
         return PRESETS[value]
     if isinstance(value, Mapping):
         return ProbeSpec.from_dict(value)
-    raise TypeError(f"a probe is a preset name, a dict or a ProbeSpec; got {type(value).__name__}")
+    raise WrongTypeError(f"a probe is a preset name, a dict or a ProbeSpec; got {type(value).__name__}")
 
 
 @dataclass(frozen=True)

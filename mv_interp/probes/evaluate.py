@@ -32,6 +32,7 @@ from torch import Tensor
 
 from .. import distributed as D
 from .. import metrics as M
+from ..errors import UnknownNameError
 from ..loading import atomic_write
 from .data import EVAL_SEED, Batch, SyntheticSource, batch_size_of, check_batch, slice_batch
 from .lens import lens_sites, pointmap_lens
@@ -86,7 +87,7 @@ class ProbeTable:
         for r in self.rows:
             if r["method"] == method and r["location"] == location:
                 return float(r[metric])
-        raise KeyError(f"no row for method {method!r} at {location!r}; methods: {self.methods}")
+        raise UnknownNameError(f"no row for method {method!r} at {location!r}; methods: {self.methods}")
 
     def to_csv(self) -> str:
         buf = io.StringIO()

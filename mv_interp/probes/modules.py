@@ -20,6 +20,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from ..adapters.base import ProbeSite
+from ..errors import UnknownNameError
 from ..layers import postprocess_conf, postprocess_points
 from .config import ProbeSpec
 
@@ -200,7 +201,7 @@ class ProbeBank(nn.Module):
         try:
             key, i = self.index[(kind, site)]
         except KeyError:
-            raise KeyError(f"no {kind!r} probe at site {site!r}; kinds: {[s.name for s in self.specs]}, "
+            raise UnknownNameError(f"no {kind!r} probe at site {site!r}; kinds: {[s.name for s in self.specs]}, "
                            f"sites: {[s.name for s in self.sites]}") from None
         return self.groups[key].member(i)
 

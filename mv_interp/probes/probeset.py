@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..adapters.base import MultiViewModel, ProbeSite, _from_jsonable, _jsonable, adapter_for_model, patch_tokens
+from ..errors import UnknownNameError, WrongTypeError
 from ..loading import atomic_write
 from .config import ProbeSpec
 from .losses import LossPlan
@@ -36,7 +37,7 @@ def unwrap(model: Any) -> MultiViewModel:
     """The plain hooked module of an :class:`~mv_interp.model.MVModel` (or the module itself)."""
     module = getattr(model, "module", model) if not isinstance(model, MultiViewModel) else model
     if not isinstance(module, MultiViewModel):
-        raise TypeError(f"expected a hooked multi-view model (mv_interp.load_model(...)), got {type(model).__name__}")
+        raise WrongTypeError(f"expected a hooked multi-view model (mv_interp.load_model(...)), got {type(model).__name__}")
     return module
 
 
@@ -109,7 +110,7 @@ class ProbeSet(nn.Module):
         for s in self.specs:
             if s.name == kind:
                 return s
-        raise KeyError(f"no probe kind {kind!r} in this set; kinds: {self.kinds}")
+        raise UnknownNameError(f"no probe kind {kind!r} in this set; kinds: {self.kinds}")
 
     @property
     def hooks(self) -> list[str]:
@@ -161,7 +162,7 @@ class ProbeSet(nn.Module):
         for s in self.sites:
             if s.name == name:
                 return s
-        raise KeyError(f"no site {name!r} in this probe set; sites: {[s.name for s in self.sites]}")
+        raise UnknownNameError(f"no site {name!r} in this probe set; sites: {[s.name for s in self.sites]}")
 
     def check_backbone(self, model: Any) -> None:
         """Raise if ``model`` is not the family/config the probes were trained on (weights are

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from ..adapters.base import ProbeSite, patch_tokens
+from ..errors import UnknownNameError
 from ..metrics import SKIP_KINDS
 
 
@@ -42,7 +43,7 @@ class Location:
         for s in self.sites:
             if s.view == view:
                 return s
-        raise KeyError(f"location {self.name!r} has no site for view {view} (views: {self.views})")
+        raise UnknownNameError(f"location {self.name!r} has no site for view {view} (views: {self.views})")
 
     @property
     def is_skip_residual(self) -> bool:

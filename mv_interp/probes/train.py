@@ -10,6 +10,9 @@ A run directory holds ``checkpoint.pt`` (probes, optimiser, step, log; written a
 ``checkpoint_every`` steps), ``train_log.jsonl`` and, at the end, the probe set
 (``probes.safetensors`` + ``probes.json``). Calling :func:`train_probes` again on the same
 directory resumes from the checkpoint — bit-exact on CPU — or, when ``steps`` grew, extends it.
+A resumed run first cuts the log back to the checkpoint's step and removes temporary files of
+writes a kill interrupted; a damaged checkpoint is reported and the run starts again
+(docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import contextlib
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .. import distributed as D
-from ..loading import atomic_write
+from ..loading import atomic_write, remove_stale_tmp
 from .config import TrainConfig
 from .data import PairSource, Prefetcher, SyntheticSource, check_batch, shard_batch
 from .losses import stacked_probe_loss
@@ -84,8 +88,22 @@ def _to_cpu(obj: Any) -> Any:
     return obj
 
 
-def _load_checkpoint(path: Path, probes: ProbeSet, opt: torch.optim.Optimizer, identity: dict) -> int:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+def _read_checkpoint(path: Path) -> dict | None:
+    """The checkpoint's contents, or ``None`` (with a message) when it is damaged: a truncated or
+    corrupt file is never resumed from — the run starts again, and reaches the same result."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not {"step", "probes", "optim", "identity"} <= set(state):
+            raise ValueError("missing entries")
+        json.loads(state["identity"])
+        return state
+    except Exception as e:  # noqa: BLE001 - torch raises many types on a damaged file
+        warnings.warn(f"{path} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}); "
+                      "training these probes again from step 0", RuntimeWarning, stacklevel=3)
+        return None
+
+
+def _load_checkpoint(state: dict, path: Path, probes: ProbeSet, opt: torch.optim.Optimizer, identity: dict) -> int:
     saved = json.loads(state["identity"])
     if saved != identity:
         diff = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
@@ -172,8 +190,13 @@ def train_probes(model: Any, config: TrainConfig | None = None, out_dir: str | o
 
     out = Path(out_dir) if out_dir is not None else None
     step = 0
-    if out is not None and (out / CHECKPOINT).is_file():
-        step = _load_checkpoint(out / CHECKPOINT, probes, opt, identity)
+    if out is not None:
+        remove_stale_tmp(out)  # left by a run killed inside a write
+        state = _read_checkpoint(out / CHECKPOINT) if (out / CHECKPOINT).is_file() else None
+        if state is not None:
+            step = _load_checkpoint(state, out / CHECKPOINT, probes, opt, identity)
+        # the log may hold steps after the last committed checkpoint (a kill, a full disk): they are redone
+        truncate_log(out / LOG, step)
     end = config.steps if stop_after is None else min(config.steps, stop_after)
     need = ("img", "pts3d", "valid") + (("depth",) if any(s.target == "depth" for s in config.probes) else ())
     plan = probes.loss_plan(device)
@@ -232,6 +255,29 @@ def train_probes(model: Any, config: TrainConfig | None = None, out_dir: str | o
             probes.save(out)
         D.barrier()
     return probes
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Keep the lines of ``train_log.jsonl`` up to ``step`` (the committed checkpoint); drop later,
+    repeated and unreadable (half-written) lines. Rewritten atomically, only when something is dropped."""
+    if not path.is_file():
+        return
+    text = path.read_text()
+    keep, last = [], 0
+    for line in text.splitlines():
+        try:
+            s = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if last < s <= step:  # in order, each step once (logs of older versions may repeat steps)
+            keep.append(line)
+            last = s
+    new = "".join(line + "\n" for line in keep)
+    if new != text:
+        if keep:
+            atomic_write(path, lambda p: Path(p).write_text(new))
+        else:
+            path.unlink()
 
 
 def _log_lines(names: list[str], pending: list) -> list[str]:

@@ -170,6 +170,7 @@ def run_report(model: Any = "dust3r-toy", config: ReportConfig | None = None, ou
     >>> run_report("dust3r-toy", out="runs/photos", images=["a.png", "b.png"])
     """
     from ..api import load_model
+    from ..errors import check_writable
     from ..probes.probeset import fingerprint, unwrap
 
     t_start = time.perf_counter()
@@ -180,6 +181,7 @@ def run_report(model: Any = "dust3r-toy", config: ReportConfig | None = None, ou
         unknown = sorted(set(force) - set(STEP_NAMES))
         if unknown:
             raise ValueError(f"--force: unknown step(s) {unknown}; steps: {list(STEP_NAMES)}")
+    check_writable(out)  # a read-only or full output folder fails now, not after the model and the steps
     name, spec = model_name(model), model
     if isinstance(model, (str, os.PathLike)):
         log(f"loading {model} on {device}")
