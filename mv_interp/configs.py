@@ -72,8 +72,15 @@ def field_docs(cls: type) -> dict[str, str]:
 def field_types(cls: type) -> dict[str, Any]:
     """Resolved type hints of a dataclass's fields (``from __future__ import annotations`` strings
     evaluated in the defining module)."""
-    module = sys.modules.get(cls.__module__)
-    hints = typing.get_type_hints(cls, vars(module) if module else None)
+    hints: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):  # each annotation in the module of the class that declares it
+        module = sys.modules.get(klass.__module__)
+        for name, ann in vars(klass).get("__annotations__", {}).items():
+            try:
+                hints[name] = typing._eval_type(typing.ForwardRef(ann) if isinstance(ann, str) else ann,
+                                                vars(module) if module else {}, dict(vars(klass)))
+            except Exception:  # noqa: BLE001 - an annotation we cannot resolve is checked as Any
+                hints[name] = Any
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls)}
 
 

@@ -38,7 +38,7 @@ from nnsight.intervention.batching import Batcher
 from nnsight.intervention.envoy import Envoy
 from torch import Tensor, nn
 
-from .adapters.base import MultiViewModel
+from .adapters.base import MultiViewModel, check_forward_inputs
 from .errors import OutOfRangeError, UserError
 from .images import check_views
 from .hooks import HookPoint
@@ -362,7 +362,9 @@ class FastPath:
         if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
             return "a global module hook is registered"
         for m in self._modules:
-            if m._forward_hooks or m._forward_pre_hooks or getattr(m, "force_eager", False):
+            # the library's own input check is no user hook: the compiled call runs it itself
+            pre = [h for h in m._forward_pre_hooks.values() if h is not check_forward_inputs]
+            if m._forward_hooks or pre or getattr(m, "force_eager", False):
                 return f"module {type(m).__name__} has a hook (or force_eager)"
         for hp in self._points:
             if any(w(hp) for w in hp._watchers):
@@ -375,6 +377,8 @@ class FastPath:
             self.calls["eager"] += 1
             return module(*args, **kwargs)
         self.calls["compiled"] += 1
+        if isinstance(module, MultiViewModel):
+            check_forward_inputs(module, args)
         key = _signature(args, kwargs, [hp.name for hp in self._points if hp._sink is not None])
         if key in self.compile_seconds:
             return self._compiled(*args, **kwargs)

@@ -286,10 +286,9 @@ class ConfigMixin:
         values = {k: _from_jsonable(v) for k, v in data.items()}
         from ..configs import check_fields  # typed validation of user-written configs: field, type, value
 
-        values = check_fields(cls, values, given=data)
-        if cls.checks_field_types:
+        if cls.checks_field_types:  # the family's own checks first: they also name the valid range
             cls.check_values(values)
-        return cls(**values)
+        return cls(**check_fields(cls, values, given=data))
 
     def replace(self, **changes: Any):
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
@@ -324,8 +323,8 @@ class MultiViewModel(HookedRootModule):
 
     def setup(self) -> None:
         super().setup()
-        if not any(h is _check_forward_inputs for h in self._forward_pre_hooks.values()):
-            self.register_forward_pre_hook(_check_forward_inputs)
+        if not any(h is check_forward_inputs for h in self._forward_pre_hooks.values()):
+            self.register_forward_pre_hook(check_forward_inputs)
 
     def default_n_views(self, n_views: int | None = None) -> int:
         """``n_views`` checked against :attr:`fixed_n_views` (default: the fixed number, else 2)."""
@@ -400,7 +399,9 @@ class MultiViewModel(HookedRootModule):
         return list(self._hook_order)
 
 
-def _check_forward_inputs(module: MultiViewModel, args: tuple) -> None:
+def check_forward_inputs(module: MultiViewModel, args: tuple) -> None:
+    """The input check every :class:`MultiViewModel` runs before its forward (a forward pre-hook;
+    the compiled fast path, which calls the forward directly, runs it itself)."""
     # a pre-hook rather than code in each family's forward: one check for every adapter
     if not module.check_inputs:
         return
