@@ -20,11 +20,16 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from einops import einsum, rearrange
 from torch import Tensor, nn
+
+from .sites import AttentionSite, ProbeSite, view_tokens
+
+if TYPE_CHECKING:  # annotations only: the adapters sit above this module
+    from .adapters.base import MultiViewModel
 
 #: sublayer-output kinds of the probe sites and the residual kind each one is added into
 SUBLAYER_OUT = {"self_out": "self", "cross_out": "cross", "mlp_out": "mlp"}
@@ -87,8 +92,6 @@ class CacheAlgebra:
         return mine
 
     def _tokens(self, site: Any) -> Tensor:
-        from .adapters.base import view_tokens
-
         try:
             act = self._act(site.hook)
         except KeyError:
@@ -223,8 +226,6 @@ class CacheAlgebra:
         return found
 
     def _head_results(self, att: Any, out_site: Any, view: int, incl_bias: bool) -> tuple[Tensor, list[str]]:
-        from .adapters.base import view_tokens
-
         proj = attention_out_proj(self._module(), att)
         z = view_tokens(self._act(att.z_hook), out_site, self._nv())  # [batch, pos, head, d_head]
         w = rearrange(proj.weight, "d_model (head d_head) -> head d_head d_model", head=z.shape[-2])
@@ -387,7 +388,7 @@ def norm_bias(norm: nn.Module, like: Tensor) -> Tensor:
     return bias.expand_as(like) if bias is not None else torch.zeros_like(like)
 
 
-def final_resid_site(module: Any, view: int, n_views: int) -> Any:
+def final_resid_site(module: MultiViewModel, view: int, n_views: int) -> ProbeSite:
     """The probe site of ``view``'s last decoder residual (what the heads' final norm reads)."""
     sites = [s for s in module.probe_sites(n_views=n_views) if s.view == view and s.stack == "dec" and s.is_residual]
     if not sites:
@@ -395,7 +396,7 @@ def final_resid_site(module: Any, view: int, n_views: int) -> Any:
     return max(sites, key=lambda s: s.order)
 
 
-def attention_out_proj(module: Any, site: Any) -> nn.Linear:
+def attention_out_proj(module: MultiViewModel, site: AttentionSite) -> nn.Linear:
     """The out-projection of an attention site: what the model declares (``attention_out_proj``),
     else the ``proj`` Linear of the module holding ``site.z_hook``."""
     own = getattr(type(module), "attention_out_proj", None)
@@ -419,7 +420,7 @@ def _detach_tree(x: Any) -> Any:
     return x
 
 
-def scalar_metric(module: Any, output: Any, metric: Callable[[Any], Tensor]) -> Tensor:
+def scalar_metric(module: MultiViewModel, output: Any, metric: Callable[[Any], Tensor]) -> Tensor:
     """``metric`` on ``view_outputs(output)`` as one differentiable number (the mean over examples)."""
     value = metric(module.view_outputs(output))
     if not isinstance(value, Tensor):
@@ -427,7 +428,7 @@ def scalar_metric(module: Any, output: Any, metric: Callable[[Any], Tensor]) -> 
     return value.float().mean()
 
 
-def run_with_cache_and_grads(module: Any, args: Sequence[Any], kwargs: dict, names_filter: Any,
+def run_with_cache_and_grads(module: MultiViewModel, args: Sequence[Any], kwargs: dict, names_filter: Any,
                              metric: Callable[[Any], Tensor] | None, device: Any) -> tuple[Any, Any]:
     """``run_with_cache(..., incl_bwd=True)``: one forward and one backward of ``metric``."""
     if metric is None:

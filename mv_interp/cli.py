@@ -30,11 +30,25 @@ COMMAND_MODULES = (
 )
 
 
+class Parser(argparse.ArgumentParser):
+    """Every (sub)command's parser: paragraph-wrapped descriptions, every option's default shown
+    (:class:`mv_interp.configs.HelpFormatter`). Subparsers inherit the class."""
+
+    def __init__(self, *args, **kwargs):
+        from .configs import HelpFormatter
+
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from . import __version__
+
+    parser = Parser(
         prog="mv-interp",
         description="Mechanistic interpretability for multi-view 3D transformers (DUSt3R, MASt3R, Fast3R).",
     )
+    parser.add_argument("--version", action="version", version=f"mv-interp {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
@@ -63,7 +77,7 @@ def probe_output(args: argparse.Namespace) -> None:
         if path.suffix and not path.is_dir():
             check_writable(path.parent)
         else:
-            from .loading import remove_stale_tmp
+            from .io import remove_stale_tmp
 
             check_writable(path)
             remove_stale_tmp(path)  # of a run of this command killed inside a write

@@ -43,6 +43,10 @@ class ConfigError(UserError):
     """A config field of the wrong type or outside its range."""
 
 
+class CheckpointError(UserError):
+    """A checkpoint that cannot be loaded as asked; the message says why and what to do."""
+
+
 def suggest(name: str, choices: Iterable[str], n: int = 3) -> str:
     """``" Did you mean 'x'?"`` for the closest of ``choices`` (empty when none is close)."""
     close = difflib.get_close_matches(str(name), list(choices), n=n, cutoff=0.6)

@@ -171,7 +171,7 @@ class ActivationCache(CacheAlgebra, Mapping):
     """
 
     def __init__(self, store: dict[str, Tensor], name_fn: Callable[..., str] | None = None, *,
-                 model: Any = None, batch_size: int | None = None, n_views: int | None = None,
+                 model: HookedRootModule | None = None, batch_size: int | None = None, n_views: int | None = None,
                  has_batch_dim: bool = True):
         self._store = store
         self._name_fn = name_fn

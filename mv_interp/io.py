@@ -26,12 +26,13 @@ import io as _stdio
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "write_text", "write_bytes", "jsonable", "from_jsonable", "dumps_json", "write_json",
+__all__ = ["atomic_write", "remove_stale_tmp", "write_text", "write_bytes", "jsonable", "from_jsonable", "config_value", "dumps_json", "write_json",
            "read_json", "nan_if_none", "csv_text", "write_csv"]
 
 
@@ -62,6 +63,32 @@ def atomic_write(target: str | os.PathLike, write: Callable[[str], Any]) -> Path
             os.unlink(tmp)
         raise
     return target
+
+
+#: names :func:`atomic_write` gives its temporary files (``.{target}.{8 random characters}.tmp``)
+TMP_GLOB = ".*.tmp"
+_TMP_NAME = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")
+
+
+def remove_stale_tmp(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
+    """Remove the temporary files that writes interrupted by a kill left in ``folder``; returns them.
+
+    Call it when a run starts in a folder it owns (two runs writing one folder at once are not
+    supported anyway).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = sorted((folder.rglob if recursive else folder.glob)(TMP_GLOB))
+    removed = []
+    for p in found:
+        if _TMP_NAME.fullmatch(p.name) and p.is_file() and not p.is_symlink():
+            try:
+                p.unlink()
+                removed.append(p)
+            except FileNotFoundError:
+                pass
+    return removed
 
 
 def _as_os_error(e: RuntimeError, target: Path) -> BaseException:
@@ -139,6 +166,15 @@ def from_jsonable(obj: Any) -> Any:
 # The NaN object ``json`` itself decodes ``NaN`` to: containers compare NaN by identity, so rows
 # read back from a new file equal rows decoded from an old one (or from ``json.loads``).
 _NAN = json.loads("NaN")
+
+
+def config_value(value: Any) -> Any:
+    """A config field's value read back from JSON: ``"inf"``/``"-inf"`` → ``±inf`` and lists →
+    tuples (config fields are immutable), recursively."""
+    value = from_jsonable(value)
+    if isinstance(value, list):
+        return tuple(config_value(v) for v in value)
+    return value
 
 
 def nan_if_none(value: Any) -> float:

@@ -25,16 +25,13 @@ from torch import Tensor
 
 from .adapters import base as adapters_base
 from .adapters.base import Adapter, MultiViewModel
-from .errors import UserError
-from .io import atomic_write, write_json
-from .types import ModelLike, as_module
+from . import hub
+from .errors import CheckpointError
+from .hub import save_pretrained  # noqa: F401 - its home was this module
+from .io import TMP_GLOB, atomic_write, remove_stale_tmp  # noqa: F401 - their home was this module
 
 BUNDLED_DIR = Path(__file__).parent / "weights"
 _LITERAL_NAMES = {"inf": math.inf, "True": True, "False": False, "None": None}
-
-
-class CheckpointError(UserError):
-    """A checkpoint that cannot be loaded as asked; the message says why and what to do."""
 
 
 # --------------------------------------------------------------------------------------
@@ -286,8 +283,25 @@ def build_model(adapter: Adapter, config: Any, state_dict: Mapping[str, Tensor] 
     return model.eval()
 
 
-def load_hooked(path_or_name: Any, config: Any = None, family: str | None = None) -> MultiViewModel:
-    """The hooked torch module (no nnsight wrapper) — see :func:`mv_interp.load_model`."""
+def load_hooked_from_hub(name: str, config: Any = None, family: str | None = None, revision: str | None = None,
+                         filename: str | None = None, cache_dir: str | os.PathLike | None = None,
+                         token: str | bool | None = None, local_files_only: bool | None = None) -> MultiViewModel:
+    """The hooked module of hub id ``name`` (see :func:`mv_interp.load_model`)."""
+    parsed = hub.parse_repo_id(name)
+    if parsed is None:
+        raise hub.HubError(f"{name!r} is not a hub id (expected 'org/name' or 'org/name@revision')")
+    repo_id, rev = parsed
+    if rev is not None and revision is not None and rev != revision:
+        raise ValueError(f"{name!r} names revision {rev!r} but revision={revision!r} was passed; give one")
+    paths = hub.resolve(repo_id, revision or rev, config, filename, cache_dir, token, local_files_only)
+    if len(paths) == 2:  # config.json + weights
+        return load_dir(paths[0], paths[1], config, family)
+    return load_hooked(paths[0], config=config, family=family)
+
+
+def load_hooked(path_or_name: Any, config: Any = None, family: str | None = None, **hub_options: Any) -> MultiViewModel:
+    """The hooked torch module (no nnsight wrapper) — see :func:`mv_interp.load_model`. ``hub_options``
+    (``revision``, ``filename``, ``cache_dir``, ``token``, ``local_files_only``) apply to hub ids only."""
     if isinstance(path_or_name, Mapping):
         if config is None:
             raise CheckpointError("a bare state dict needs config= (a name such as '224_linear', a dict or a config)")
@@ -301,10 +315,13 @@ def load_hooked(path_or_name: Any, config: Any = None, family: str | None = None
     if path.is_dir():
         return _load_dir(path, config, family)
     if not path.exists():
+        if hub.parse_repo_id(name) is not None:
+            return load_hooked_from_hub(name, config, family, **hub_options)
         bundled = sorted(p.name for p in BUNDLED_DIR.iterdir() if p.is_dir()) if BUNDLED_DIR.is_dir() else []
         raise FileNotFoundError(
             f"no checkpoint at {name!r} and no bundled model of that name (bundled: {bundled}); "
-            "give a .pth file, an HF-style directory (config.json + model.safetensors) or a bundled name"
+            "give a .pth file, an HF-style directory (config.json + model.safetensors), a bundled name or a "
+            "hub id ('org/name')"
         )
     if path.suffix == ".safetensors":
         if config is None:
@@ -338,6 +355,11 @@ def _load_dir(path: Path, config: Any, family: str | None) -> MultiViewModel:
     missing = [p.name for p in (cfg_file, weights) if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"{path} is not an HF-style model directory: missing {missing}")
+    return load_dir(cfg_file, weights, config, family)
+
+
+def load_dir(cfg_file: Path, weights: Path, config: Any = None, family: str | None = None) -> MultiViewModel:
+    """A model from an HF-style ``config.json`` and its weights (``config=`` overrides the file)."""
     if config is not None:
         adapter, cfg = resolve_config(config, family)
     else:
@@ -347,47 +369,6 @@ def _load_dir(path: Path, config: Any, family: str | None) -> MultiViewModel:
             raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from None
         adapter, cfg = config_from_hf(data, family)
     return build_model(adapter, cfg, read_state_dict(weights), source=str(weights))
-
-
-def save_pretrained(model: ModelLike, directory: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` (HF style), each atomically."""
-    from safetensors.torch import save_file
-
-    module: MultiViewModel = as_module(model)
-    adapter = adapters_base.adapter_for_model(module)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    cfg = {"mv_interp_family": adapter.name, **module.config.to_dict(), **(extra or {})}
-    sd = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    atomic_write(directory / "model.safetensors", lambda p: save_file(sd, str(p)))
-    write_json(directory / "config.json", cfg, indent=2)
-    return directory
-
-
-#: names :func:`atomic_write` gives its temporary files (``.{target}.{8 random characters}.tmp``)
-TMP_GLOB = ".*.tmp"
-_TMP_NAME = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")
-
-
-def remove_stale_tmp(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
-    """Remove the temporary files that writes interrupted by a kill left in ``folder``; returns them.
-
-    Call it when a run starts in a folder it owns (two runs writing one folder at once are not
-    supported anyway).
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    found = sorted((folder.rglob if recursive else folder.glob)(TMP_GLOB))
-    removed = []
-    for p in found:
-        if _TMP_NAME.fullmatch(p.name) and p.is_file() and not p.is_symlink():
-            try:
-                p.unlink()
-                removed.append(p)
-            except FileNotFoundError:
-                pass
-    return removed
 
 
 

@@ -38,10 +38,12 @@ from nnsight.intervention.batching import Batcher
 from nnsight.intervention.envoy import Envoy
 from torch import Tensor, nn
 
-from .adapters.base import MultiViewModel
+from .adapters.base import MultiViewModel, check_forward_inputs
 from .errors import OutOfRangeError, UserError
 from .images import check_views
 from .hooks import HookPoint
+from .loading import load_hooked
+from .types import ModelLike, ViewInput
 
 
 class ViewBatcher(Batcher):
@@ -103,7 +105,9 @@ class BlocksEnvoy(Envoy):
         return super().__getitem__(key)
 
 
-def _as_views(args: Sequence[Any], model: MultiViewModel) -> tuple[Tensor, ...]:
+def model_inputs(args: Sequence[Any], model: MultiViewModel) -> tuple[Tensor, ...]:
+    """The per-view image tensors ``[batch, 3, H, W]`` the forward of ``model`` takes, from what the
+    tools accept: tensors, unbatched ``[3, H, W]`` images, view dicts (their ``img``) or image paths."""
     views = []
     for a in args:
         if isinstance(a, dict) and "img" in a:
@@ -141,15 +145,15 @@ class MVModel(NNsight):
             hp.add_watcher(_nnsight_watcher(ref, f"{self.path}.{name}"))
 
     # -- nnsight batching extension points ------------------------------------------------
-    def _batch_size(self, *inputs: Any, **kwargs: Any) -> int:
+    def _batch_size(self, *inputs: ViewInput, **kwargs: Any) -> int:
         if not inputs:
             return 0
-        return _as_views(inputs, self._module)[0].shape[0]
+        return model_inputs(inputs, self._module)[0].shape[0]
 
     def _batch(self, invokes: list[tuple], fn: Any) -> tuple:
         if not invokes:
             return tuple(), {}
-        prepared = [(_as_views(args, self._module), kwargs) for args, kwargs in invokes]
+        prepared = [(model_inputs(args, self._module), kwargs) for args, kwargs in invokes]
         n = {len(v) for v, _ in prepared}
         if len(n) != 1:
             raise ValueError(f"every invoke must pass the same number of views, got {sorted(n)}")
@@ -175,11 +179,11 @@ class MVModel(NNsight):
     def config(self) -> Any:
         return self._module.config
 
-    def forward(self, *views: Any, **kwargs: Any) -> Any:
+    def forward(self, *views: ViewInput, **kwargs: Any) -> Any:
         """Plain forward (no trace): per-view output dicts (compiled when :func:`enable_compile` was called
         and no hook is active)."""
         fast = self._module.__dict__.get("_fast_path")
-        return (fast or self._module)(*_as_views(views, self._module), **kwargs)
+        return (fast or self._module)(*model_inputs(views, self._module), **kwargs)
 
     def enable_compile(self, enabled: bool = True, **compile_kwargs: Any) -> FastPath | None:
         """See :func:`enable_compile`."""
@@ -203,7 +207,7 @@ class MVModel(NNsight):
                 "replays them, or drop them first with model.clear_edits()."
             )
 
-    def run_with_cache(self, *views: Any, names_filter: Any = None, device: Any = None, **kwargs: Any):
+    def run_with_cache(self, *views: ViewInput, names_filter: Any = None, device: Any = None, **kwargs: Any):
         """``(output, ActivationCache)`` for the hooks selected by ``names_filter``.
 
         ``incl_bwd=True, metric=fn`` also records gradients (``name + "_grad"``); see
@@ -211,22 +215,22 @@ class MVModel(NNsight):
         and on a model carrying nnsight edits (it would silently ignore them).
         """
         self._refuse_inside_nnsight("run_with_cache")
-        return self._module.run_with_cache(*_as_views(views, self._module), names_filter=names_filter,
+        return self._module.run_with_cache(*model_inputs(views, self._module), names_filter=names_filter,
                                            device=device, **kwargs)
 
-    def run_with_hooks(self, *views: Any, fwd_hooks: Any = (), reset_hooks_end: bool = True,
+    def run_with_hooks(self, *views: ViewInput, fwd_hooks: Any = (), reset_hooks_end: bool = True,
                        bwd_hooks: Any = (), **kwargs: Any):
         """Run with temporary forward / backward hooks (TransformerLens semantics; refused inside an
         nnsight trace and on a model carrying nnsight edits)."""
         self._refuse_inside_nnsight("run_with_hooks")
-        return self._module.run_with_hooks(*_as_views(views, self._module), fwd_hooks=fwd_hooks,
+        return self._module.run_with_hooks(*model_inputs(views, self._module), fwd_hooks=fwd_hooks,
                                            reset_hooks_end=reset_hooks_end, bwd_hooks=bwd_hooks, **kwargs)
 
     def hooks(self, fwd_hooks: Any = (), reset_hooks_end: bool = True, bwd_hooks: Any = ()):
         return self._module.hooks(fwd_hooks, reset_hooks_end, bwd_hooks=bwd_hooks)
 
     # -- shape inference ------------------------------------------------------------------
-    def scan(self, *views: Any, **kwargs: Any):
+    def scan(self, *views: ViewInput, **kwargs: Any):
         """nnsight's ``scan``: a trace whose forward runs on fake tensors (shapes and dtypes, no compute).
 
         >>> with model.scan(img1, img2):
@@ -236,7 +240,7 @@ class MVModel(NNsight):
 
         return ScanningTracer(self, "__call__", *views, **kwargs)
 
-    def hook_shapes(self, *views: Any, **kwargs: Any) -> list[tuple[str, tuple[int, ...]]]:
+    def hook_shapes(self, *views: ViewInput, **kwargs: Any) -> list[tuple[str, tuple[int, ...]]]:
         """``[(hook, shape)]`` in execution order for these views, inferred without computing:
         the forward runs under ``FakeTensorMode``, so only shapes propagate (the weights are
         not read). ``hook_table`` is the same from a real run on one-patch images."""
@@ -248,7 +252,7 @@ class MVModel(NNsight):
         def rec(x: Tensor, hook: HookPoint) -> None:
             seen.append((hook.name, tuple(int(n) for n in x.shape)))
 
-        views = _as_views(views, self._module)
+        views = model_inputs(views, self._module)
         with FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv(assume_static_by_default=True)):
             with torch.no_grad(), self._module.hooks([(n, rec) for n in self._module.hook_dict]):
                 self._module(*views, **kwargs)
@@ -285,10 +289,24 @@ class MVModel(NNsight):
     def example_inputs(self, *args: Any, **kwargs: Any):
         return self._module.example_inputs(*args, **kwargs)
 
+    @classmethod
+    def from_pretrained(cls, name_or_path: Any, **kwargs: Any) -> MVModel:
+        """:func:`mv_interp.load_model` as a constructor: a hub id (``"org/name"``), a directory, a
+        checkpoint or a bundled name, with the same keyword arguments (``device``, ``revision`` …)."""
+        return load_model(name_or_path, **kwargs)
+
     def save_pretrained(self, directory: Any, extra: dict | None = None):
-        from .loading import save_pretrained
+        """Write ``config.json`` + ``model.safetensors``, which :meth:`from_pretrained` reads back."""
+        from .hub import save_pretrained
 
         return save_pretrained(self._module, directory, extra)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any):
+        """Upload :meth:`save_pretrained`'s files and a model card to hub repo ``repo_id``
+        (:func:`mv_interp.hub.push_to_hub`); ``from_pretrained(repo_id)`` reads it back."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self._module, repo_id, **kwargs)
 
     def __repr__(self) -> str:
         c = self._module.config
@@ -346,7 +364,9 @@ class FastPath:
         if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
             return "a global module hook is registered"
         for m in self._modules:
-            if m._forward_hooks or m._forward_pre_hooks or getattr(m, "force_eager", False):
+            # the library's own input check is no user hook: the compiled call runs it itself
+            pre = [h for h in m._forward_pre_hooks.values() if h is not check_forward_inputs]
+            if m._forward_hooks or pre or getattr(m, "force_eager", False):
                 return f"module {type(m).__name__} has a hook (or force_eager)"
         for hp in self._points:
             if any(w(hp) for w in hp._watchers):
@@ -359,6 +379,8 @@ class FastPath:
             self.calls["eager"] += 1
             return module(*args, **kwargs)
         self.calls["compiled"] += 1
+        if isinstance(module, MultiViewModel):
+            check_forward_inputs(module, args)
         key = _signature(args, kwargs, [hp.name for hp in self._points if hp._sink is not None])
         if key in self.compile_seconds:
             return self._compiled(*args, **kwargs)
@@ -380,7 +402,7 @@ def _signature(args: Sequence[Any], kwargs: dict, sinks: list[str]) -> str:
     return f"{parts} amp={amp} kwargs={sorted(kwargs)} capture={len(sinks)}"
 
 
-def enable_compile(model: Any, enabled: bool = True, **compile_kwargs: Any) -> FastPath | None:
+def enable_compile(model: ModelLike, enabled: bool = True, **compile_kwargs: Any) -> FastPath | None:
     """Give ``model`` (an :class:`MVModel` or hooked module) a compiled fast path, or remove it.
 
     Forwards through :meth:`MVModel.forward`, :meth:`~mv_interp.hooks.HookedRootModule.capture`
@@ -405,3 +427,69 @@ def enable_compile(model: Any, enabled: bool = True, **compile_kwargs: Any) -> F
 def wrap(module: MultiViewModel) -> MVModel:
     """Wrap a hooked module for nnsight (idempotent on an :class:`MVModel`)."""
     return module if isinstance(module, MVModel) else MVModel(module)
+
+
+# --------------------------------------------------------------------------------------
+# Loading: the top-level entry point (re-exported as mv_interp.load_model)
+# --------------------------------------------------------------------------------------
+
+
+def load_model(path_or_name: Any, device: str | torch.device = "cpu", config: Any = None, family: str | None = None,
+               dtype: torch.dtype | None = None, *, revision: str | None = None, filename: str | None = None,
+               cache_dir: Any = None, token: str | bool | None = None, local_files_only: bool | None = None) -> MVModel:
+    """Load a multi-view model, hooked and wrapped in nnsight.
+
+    ``path_or_name`` is one of
+
+    * an official checkpoint ``.pth`` (``{"model": state_dict, "args": Namespace(model="AsymmetricCroCo3DStereo(...)")}``),
+      read with ``weights_only=True`` and a constructor string parsed without ``eval``;
+    * an HF-style directory with ``config.json`` + ``model.safetensors``;
+    * a bare state dict (a mapping, a ``.pth`` or ``.safetensors`` file) together with ``config=``
+      — a known name (``"224_linear"``, ``"512_linear"``, ``"512_dpt"``), a dict or a config dataclass;
+    * the name of a bundled model (see :func:`list_models`);
+    * a Hugging Face hub id ``"org/name"`` (or ``"org/name@revision"``) of any family — the upstream
+      ``config.json`` + ``model.safetensors`` repos, a ``.pth`` checkpoint repo, or one pushed by
+      :meth:`MVModel.push_to_hub` — read from the local hub cache (``HF_HOME``), fetched only when
+      missing and ``HF_HUB_OFFLINE`` is unset (:mod:`mv_interp.hub`). ``revision``, ``filename``
+      (which file of the repo), ``cache_dir``, ``token`` and ``local_files_only`` apply to hub ids only.
+
+    Loading is strict: missing, unexpected or mis-shaped keys raise one error that lists them.
+
+    >>> model = load_model("DUSt3R_ViTLarge_BaseDecoder_224_linear.pth", device="cuda")
+    >>> model = load_model(state_dict, config="512_dpt")
+    >>> model = load_model("naver/DUSt3R_ViTLarge_BaseDecoder_512_dpt")
+    """
+    device = check_device(device)
+    hub = {k: v for k, v in dict(revision=revision, filename=filename, cache_dir=cache_dir, token=token,
+                                 local_files_only=local_files_only).items() if v is not None}
+    module = load_hooked(path_or_name, config=config, family=family, **hub)
+    module = module.to(device=device, dtype=dtype) if dtype is not None else module.to(device)
+    return wrap(module)
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``torch.device(device)``, or a :class:`~mv_interp.errors.UserError` saying which devices exist here."""
+    from .errors import UserError
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise UserError(f"device={device!r} is not a torch device ({str(e).splitlines()[0]}); use 'cpu', 'cuda', "
+                        "'cuda:1' or 'mps'") from None
+    here = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise UserError(f"device={device!r}, but no CUDA GPU is available here (torch {torch.__version__}, "
+                            f"CUDA build: {torch.version.cuda or 'no'}); use device='cpu'")
+        if dev.index is not None and dev.index >= n:
+            raise UserError(f"device={device!r}, but this machine has {n} GPU(s): {here[1:]}")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise UserError(f"device={device!r}, but MPS (Apple GPU) is not available here; use one of {here}")
+    elif dev.type != "cpu":
+        try:
+            torch.empty(0, device=dev)
+        except Exception as e:  # noqa: BLE001 - each backend fails in its own way
+            raise UserError(f"device={device!r} cannot be used here ({type(e).__name__}); use one of {here}") from None
+    return dev

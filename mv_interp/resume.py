@@ -33,9 +33,12 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .io import atomic_write, write_text
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["digest", "fingerprint", "tensor_digest", "identity_diff", "check_identity", "StateFile", "StepRecord", "Manifest", "Steps"]
 
@@ -45,7 +48,7 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def fingerprint(module: Any) -> str:
+def fingerprint(module: torch.nn.Module) -> str:
     """A short digest of a module's weights (first 4096 values of every parameter, position-weighted):
     tells a run on one backbone from a run on another without hashing gigabytes."""
     import torch

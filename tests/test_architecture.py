@@ -123,15 +123,9 @@ def _without_package_inits(graph: dict[str, set[str]]) -> dict[str, set[str]]:
     return {v: {w for w in ws if not (_is_package(w) and v.startswith(w + "."))} for v, ws in graph.items()}
 
 
-# Known violations, each with its owner; the tests fail on any other. Landed by issue-18 (cache
-# algebra, attribution) while this test was being written: hooks.ActivationCache uses cache.py,
-# which reads adapters.base.view_tokens lazily; attribution and patching import each other (lazily)
-# and attribution reuses two private helpers. Remove an entry when its cause is fixed.
-KNOWN_CYCLES = [
-    ["mv_interp.adapters.base", "mv_interp.cache", "mv_interp.hooks", "mv_interp.layers", "mv_interp.types"],
-    ["mv_interp.interventions.attribution", "mv_interp.interventions.patching"],
-]
-KNOWN_PRIVATE_IMPORTS = {("mv_interp.interventions.attribution", "_views"), ("mv_interp.interventions.attribution", "_as_views")}
+# No known violations: the tests fail on any cycle and any cross-module private import.
+KNOWN_CYCLES: list[list[str]] = []
+KNOWN_PRIVATE_IMPORTS: set[tuple[str, str]] = set()
 
 
 def test_parser_sees_the_package():

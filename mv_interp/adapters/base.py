@@ -18,206 +18,23 @@ import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, get_args
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from ..errors import ConfigError, OutOfRangeError, UnknownNameError, UserError, suggest
 from ..hooks import HookedRootModule
-from ..io import dumps_json, from_jsonable, jsonable
+from ..io import config_value, dumps_json, jsonable
 from ..layers import ATTENTION_HOOKS
+from ..sites import (  # noqa: F401 - the site records are part of the adapter contract, re-exported here
+    ATTENTION_KINDS, ATTENTION_LAYOUTS, PROBE_KINDS, STACKS, TOKEN_LAYOUTS, AttentionKind, AttentionLayout,
+    AttentionSite, ProbeKind, ProbeSite, Stack, TokenLayout, pattern_blocks, patch_tokens, view_tokens)
 from ..types import ModelLike, as_module
-
-# --------------------------------------------------------------------------------------
-# Sites
-# --------------------------------------------------------------------------------------
-
-#: How a hook's activation holds a view's tokens.
-#:   "view"    — ``[batch, pos, d]``, this view only
-#:   "stacked" — ``[n_views · batch, pos, d]``, views stacked view-major on the batch axis
-#:   "concat"  — ``[batch, n_views · pos, d]``, views concatenated on the token axis
-TokenLayout = Literal["view", "stacked", "concat"]
-#: How an attention pattern holds its queries and keys (see :class:`AttentionSite`).
-AttentionLayout = Literal["view", "stacked", "global"]
-#: What a :class:`ProbeSite` reads: the residual after a skip connection (``"self"``,
-#: ``"cross"``, ``"mlp"``, ``"enc_block"``), a stack's input/output (``"dec_in"``, ``"enc_out"``),
-#: or a sublayer's output before its skip (``"self_out"``, ``"cross_out"``, ``"mlp_out"``).
-ProbeKind = Literal["enc_block", "enc_out", "dec_in", "self", "cross", "mlp", "self_out", "cross_out", "mlp_out"]
-#: What an :class:`AttentionSite` is: attention within the query's tokens' sequence or to another's.
-AttentionKind = Literal["self", "cross"]
-#: Which stack a site is in.
-Stack = Literal["enc", "dec"]
-
-TOKEN_LAYOUTS: tuple[str, ...] = get_args(TokenLayout)
-ATTENTION_LAYOUTS: tuple[str, ...] = get_args(AttentionLayout)
-#: ``ProbeSite.kind`` values the generic tools understand.
-PROBE_KINDS: tuple[str, ...] = get_args(ProbeKind)
-#: ``AttentionSite.kind`` values.
-ATTENTION_KINDS: tuple[str, ...] = get_args(AttentionKind)
-#: ``stack`` values of both site types.
-STACKS: tuple[str, ...] = get_args(Stack)
-
-
-def _check_choice(record: object, field_name: str, allowed: tuple[str, ...]) -> None:
-    value = getattr(record, field_name)
-    if value not in allowed:
-        raise ValueError(f"{type(record).__name__} {getattr(record, 'name', '')!r}: {field_name}={value!r} is not "
-                         f"one of {list(allowed)}")
-
-
-@dataclass(frozen=True)
-class ProbeSite:
-    """One place where the residual stream (or a sublayer output) of one view can be read.
-
-    Attributes:
-        name: short unique label used in tables and files, e.g. ``"dec3.cross.v2"``.
-        hook: the hook point name, e.g. ``"dec_blocks2.3.hook_resid_mid_cross"``.
-        view: 1-based view whose tokens this site holds.
-        layer: block index in its stack (``-1`` for a stack's input / embedding).
-        kind: ``"enc_out"``, ``"dec_in"``, ``"enc_block"``, ``"self"``, ``"cross"``, ``"mlp"``
-            (residual after that skip connection), or ``"self_out"``, ``"cross_out"``,
-            ``"mlp_out"`` (sublayer output before its skip; the granularity ablation).
-        stack: ``"enc"`` or ``"dec"``.
-        order: position along the processing path of this view (for curves and 4D views).
-        d_model: width of the activation.
-        layout: one of :data:`TOKEN_LAYOUTS`.
-        n_prefix: tokens before the patch grid in each view's tokens (camera, register or cls
-            tokens); the patches follow, row-major. :func:`patch_tokens` drops them.
-    """
-
-    name: str
-    hook: str
-    view: int
-    layer: int
-    kind: ProbeKind
-    stack: Stack
-    order: int
-    d_model: int
-    layout: TokenLayout = "view"
-    n_prefix: int = 0
-
-    def __post_init__(self) -> None:
-        _check_choice(self, "kind", PROBE_KINDS)
-        _check_choice(self, "stack", STACKS)
-        _check_choice(self, "layout", TOKEN_LAYOUTS)
-        if self.view < 1:
-            raise ValueError(f"ProbeSite {self.name!r}: view={self.view!r} must be a 1-based view number")
-        if self.n_prefix < 0:
-            raise ValueError(f"ProbeSite {self.name!r}: n_prefix={self.n_prefix} must be >= 0")
-
-    @property
-    def is_residual(self) -> bool:
-        return not self.kind.endswith("_out") or self.kind == "enc_out"
-
-
-@dataclass(frozen=True)
-class AttentionSite:
-    """One attention layer whose pattern can be read.
-
-    Attributes:
-        name: short label, e.g. ``"dec1.cross.v2"``.
-        pattern_hook / scores_hook: hook names of the post- / pre-softmax attention.
-        z_hook: per-head output hook ``[batch, q_pos, head, d_head]``.
-        kind: ``"self"`` or ``"cross"``.
-        stack: ``"enc"`` or ``"dec"``.
-        layer: block index.
-        query_view: 1-based view of the queries (0 when queries span all views).
-        key_views: the views the keys come from, in token order (``"stacked"`` and ``"global"``
-            sites: every view of the forward, in order).
-        n_heads: number of heads.
-        layout: ``"view"`` (``[batch, head, q, k]`` for one query view), ``"stacked"``
-            (``[views·batch, head, q, k]``: views stacked view-major on the batch axis,
-            self-attention within each view) or ``"global"`` (``[batch, head, Σq, Σk]``:
-            queries and keys are all views' tokens concatenated view-major). Split any of
-            them into view-to-view blocks with :func:`pattern_blocks`.
-        n_prefix: tokens before the patch grid in each view's block of queries and keys
-            (camera, register or cls tokens); the view's patches follow, row-major.
-    """
-
-    name: str
-    pattern_hook: str
-    scores_hook: str
-    z_hook: str
-    kind: AttentionKind
-    stack: Stack
-    layer: int
-    query_view: int
-    key_views: tuple[int, ...]
-    n_heads: int
-    layout: AttentionLayout = "view"
-    n_prefix: int = 0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "key_views", tuple(self.key_views))
-        _check_choice(self, "kind", ATTENTION_KINDS)
-        _check_choice(self, "stack", STACKS)
-        _check_choice(self, "layout", ATTENTION_LAYOUTS)
-        if self.layout == "view" and self.query_view < 1:
-            raise ValueError(f"AttentionSite {self.name!r}: a 'view' layout site needs query_view ≥ 1, "
-                             f"got {self.query_view}")
-        if self.n_prefix < 0:
-            raise ValueError(f"AttentionSite {self.name!r}: n_prefix={self.n_prefix} must be >= 0")
-
-
-def view_tokens(act: Tensor, site: ProbeSite, n_views: int) -> Tensor:
-    """``[batch, pos, d]`` tokens of ``site.view`` from a hook activation in ``site.layout``."""
-    v = site.view - 1
-    if site.layout == "view":
-        return act
-    if site.layout == "stacked":
-        return act.reshape(n_views, act.shape[0] // n_views, *act.shape[1:])[v]
-    if site.layout == "concat":
-        per = act.shape[1] // n_views
-        return act[:, v * per : (v + 1) * per]
-    raise ValueError(f"unknown token layout {site.layout!r}; expected one of {TOKEN_LAYOUTS}")
-
-
-def patch_tokens(act: Tensor, site: ProbeSite, n_views: int) -> Tensor:
-    """``[batch, h·w, d]`` patch tokens of ``site.view`` (:func:`view_tokens` without the view's
-    ``site.n_prefix`` special tokens)."""
-    tokens = view_tokens(act, site, n_views)
-    return tokens[:, site.n_prefix:] if site.n_prefix else tokens
-
-
-def pattern_blocks(pattern: Tensor, site: AttentionSite, n_views: int) -> dict[tuple[int, int], Tensor]:
-    """Split a pattern into ``{(query_view, key_view): [batch, head, q_pos, k_pos]}`` blocks.
-
-    Views are 1-based. Every view has the same number of tokens (views of one forward share
-    their image size). For a ``"global"`` pattern over 3 views this gives the nine blocks
-    ``(1, 1) … (3, 3)``; block ``(2, 1)`` is how view-2 queries attend to view-1 keys, and the
-    rows of a query view's blocks sum to 1 together, not one by one.
-    """
-    if site.layout == "view":
-        if len(site.key_views) == 1:
-            return {(site.query_view, site.key_views[0]): pattern}
-        per = pattern.shape[-1] // len(site.key_views)
-        return {(site.query_view, kv): pattern[..., i * per : (i + 1) * per] for i, kv in enumerate(site.key_views)}
-    if site.layout == "stacked":
-        chunks = pattern.reshape(n_views, pattern.shape[0] // n_views, *pattern.shape[1:])
-        return {(v + 1, v + 1): chunks[v] for v in range(n_views)}
-    if site.layout == "global":
-        per = pattern.shape[-1] // n_views
-        return {
-            (qv + 1, kv + 1): pattern[..., qv * per : (qv + 1) * per, kv * per : (kv + 1) * per]
-            for qv in range(n_views)
-            for kv in range(n_views)
-        }
-    raise ValueError(f"unknown attention layout {site.layout!r}")
-
 
 # --------------------------------------------------------------------------------------
 # Configs
 # --------------------------------------------------------------------------------------
-
-
-def config_value(value: Any) -> Any:
-    """A config field's value read back from JSON: ``"inf"``/``"-inf"`` → ``±inf`` and lists →
-    tuples (config fields are immutable), recursively (see :mod:`mv_interp.io`)."""
-    value = from_jsonable(value)
-    if isinstance(value, list):
-        return tuple(config_value(v) for v in value)
-    return value
 
 
 _POSITIVE_SUFFIXES = ("_dim", "_depth", "_heads", "patch_size", "_ids", "_ratio", "_eps")
@@ -317,9 +134,11 @@ class ConfigMixin:
             hints = "".join(suggest(u, names) for u in unknown)
             raise ConfigError(f"{cls.__name__}: unknown field(s) {unknown}; valid fields: {sorted(names)}.{hints}")
         values = {k: config_value(v) for k, v in data.items()}
-        if cls.checks_field_types:
+        from ..configs import check_fields  # typed validation of user-written configs: field, type, value
+
+        if cls.checks_field_types:  # the family's own checks first: they also name the valid range
             cls.check_values(values)
-        return cls(**values)
+        return cls(**check_fields(cls, values, given=data))
 
     def replace(self, **changes: Any):
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
@@ -444,8 +263,8 @@ class MultiViewModel(HookedRootModule):
                             f"dataclass deriving from mv_interp.adapters.base.ModelConfig), got "
                             f"{type(getattr(self, 'config', None)).__name__}; set self.config before setup()")
         super().setup()
-        if not any(h is _check_forward_inputs for h in self._forward_pre_hooks.values()):
-            self.register_forward_pre_hook(_check_forward_inputs)
+        if not any(h is check_forward_inputs for h in self._forward_pre_hooks.values()):
+            self.register_forward_pre_hook(check_forward_inputs)
 
     def default_n_views(self, n_views: int | None = None) -> int:
         """``n_views`` checked against :attr:`fixed_n_views` (default: the fixed number, else 2)."""
@@ -559,7 +378,9 @@ def block_hook_name(prefix: str, depth: int, layer: int, name: str, block_hooks:
     return f"{prefix}.{layer}.hook_{name}"
 
 
-def _check_forward_inputs(module: MultiViewModel, args: tuple) -> None:
+def check_forward_inputs(module: MultiViewModel, args: tuple) -> None:
+    """The input check every :class:`MultiViewModel` runs before its forward (a forward pre-hook;
+    the compiled fast path, which calls the forward directly, runs it itself)."""
     # a pre-hook rather than code in each family's forward: one check for every adapter
     if not module.check_inputs:
         return

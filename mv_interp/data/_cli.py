@@ -12,11 +12,11 @@ def _render(args: argparse.Namespace) -> int:
     from .capture import INDEX, read_index, write_capture
     from .synthetic import SceneConfig, render_views
 
-    overrides = {k: v for k, v in dict(
-        n_views=args.views, fov=args.fov, max_rotation=args.max_rotation, baseline=args.baseline,
-        min_overlap=args.min_overlap).items() if v is not None}
-    config = SceneConfig(image_size=tuple(args.size), **overrides)
     from pathlib import Path
+
+    from ..configs import config_from_args
+
+    config = config_from_args(args, args.scene_options, SceneConfig())
 
     out = Path(args.out)
     done = {t[0].split("/")[0] for t in read_index(out)} if (out / INDEX).is_file() else set()
@@ -24,14 +24,15 @@ def _render(args: argparse.Namespace) -> int:
     if len(todo) < args.n:
         print(f"{args.n - len(todo)} of {args.n} scenes already in {out}; rendering the other {len(todo)}")
     bar = tqdm(total=len(todo), unit="scene", disable=args.quiet)
-    for start in range(0, len(todo), args.batch):
-        chunk = todo[start:start + args.batch]
+    for start in range(0, len(todo), args.batch_size):
+        chunk = todo[start:start + args.batch_size]
         seeds = torch.tensor([args.seed + i for i in chunk], dtype=torch.int64)
         views = render_views(len(chunk), config, device=args.device, seeds=seeds, compile=args.compile)
         write_capture(views, out, names=[f"scene_{int(s):06d}" for s in seeds])
         bar.update(len(chunk))
     bar.close()
-    print(f"wrote {args.n} scenes ({config.n_views} views each, {args.size[0]}x{args.size[1]}) to {out}")
+    print(f"wrote {args.n} scenes ({config.n_views} views each, {config.image_size[0]}x{config.image_size[1]}) "
+          f"to {out}")
     return 0
 
 
@@ -60,28 +61,34 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("data", help="synthetic scenes and capture directories (render, convert-habitat, check)")
+    from ..configs import add_config_options, deprecated_alias
+    from .synthetic import SceneConfig
+
+    p = sub.add_parser("data", help="synthetic scenes and capture directories (render, convert-habitat, check)",
+                       description="Synthetic scenes and capture directories: render rooms to disk, convert "
+                                   "DUSt3R's Habitat renders, check a capture directory.")
     dsub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
 
-    r = dsub.add_parser("render", help="render synthetic multi-view scenes into the capture format")
+    r = dsub.add_parser("render", help="render synthetic multi-view scenes into the capture format",
+                        description="Render synthetic rooms with exact geometry into a capture directory "
+                                    "(docs/data.md); scene i uses seed + i, and re-running resumes. Every "
+                                    "SceneConfig field is an option (also --set FIELD=VALUE or --config FILE.json).")
     r.add_argument("--n", type=int, required=True, help="number of scenes")
-    r.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=(224, 224),
-                   help="image size, multiples of 16 (default: %(default)s)")
     r.add_argument("--out", required=True, help="output capture directory (re-running resumes)")
     r.add_argument("--seed", type=int, default=0, help="scene i uses seed + i (default: %(default)s)")
-    r.add_argument("--views", type=int, default=None, help="cameras per scene (default: 2)")
-    r.add_argument("--fov", type=float, nargs=2, default=None, metavar=("MIN", "MAX"), help="horizontal FOV range, deg")
-    r.add_argument("--max-rotation", type=float, default=None, help="largest rotation between views, deg")
-    r.add_argument("--baseline", type=float, nargs=2, default=None, metavar=("MIN", "MAX"), help="metres")
-    r.add_argument("--min-overlap", type=float, default=None, help="least covisible fraction of each view")
     r.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
-    r.add_argument("--batch", type=int, default=32, help="scenes rendered per call (default: %(default)s)")
+    r.add_argument("--batch-size", type=int, default=32, help="scenes rendered per call (default: %(default)s)")
+    deprecated_alias(r, "--batch", "--batch-size")
     r.add_argument("--compile", action="store_true",
                    help="render through torch.compile: several times faster after a one-off compile of minutes")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
-    r.set_defaults(func=_render)
+    scene = add_config_options(r, SceneConfig, rename={"image_size": "--size", "n_views": "--views"},
+                               title="scenes (SceneConfig fields)")
+    r.set_defaults(func=_render, scene_options=scene)
 
-    c = dsub.add_parser("convert-habitat", help="convert DUSt3R's Habitat renders (needs an EXR reader)")
+    c = dsub.add_parser("convert-habitat", help="convert DUSt3R's Habitat renders (needs an EXR reader)",
+                        description="Convert DUSt3R's Habitat renders into the capture format (docs/data.md); "
+                                    "re-running resumes.")
     c.add_argument("src", help="directory holding {key}_{i}.jpeg, _depth.exr, _camera_params.json (searched recursively)")
     c.add_argument("dst", help="output capture directory (re-running resumes)")
     c.add_argument("--no-half-pixel-shift", action="store_true",
@@ -89,6 +96,7 @@ def register(sub) -> None:
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=_convert)
 
-    k = dsub.add_parser("check", help="validate every view of a capture directory")
+    k = dsub.add_parser("check", help="validate every view of a capture directory",
+                        description="Read every view of a capture directory and report the first problem.")
     k.add_argument("dir", help="capture directory with index.json")
     k.set_defaults(func=_check)

@@ -26,9 +26,9 @@ data through these sources.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, Union, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -40,6 +40,12 @@ from .synthetic import SceneConfig, render_views
 from .views import Views
 
 Batch = list[dict[str, Tensor]]
+#: What :func:`open_source` (and so ``train_probes``, the report, ``mv-interp heads``) takes as
+#: data: ``None`` (synthetic pairs), a :class:`PairSource`, a capture directory or pairs file, a
+#: list of image files (``n_views`` per example), one batch of view dicts, or a
+#: ``torch.utils.data.Dataset`` of samples.
+SourceLike = Union[None, "PairSource", str, os.PathLike, Sequence[Union[str, os.PathLike]], Views,
+                   Sequence[Mapping[str, Tensor]], "torch.utils.data.Dataset"]
 #: image file suffixes :func:`open_source` reads as user images
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -55,8 +61,6 @@ class PairSource(Protocol):
 
 
 def _scene_config(image_size: tuple[int, int], scene: Any = None):
-    from .synthetic import SceneConfig
-
     if scene is None:
         return SceneConfig(image_size=tuple(image_size))
     if isinstance(scene, dict):
@@ -225,7 +229,7 @@ class ImageSource(TensorSource):
         return {"source": "images", "files": self.files, "seed": self.seed}
 
 
-def open_source(data: Any, image_size: tuple[int, int], seed: int = 0, n_views: int = 2) -> PairSource:
+def open_source(data: SourceLike, image_size: tuple[int, int], seed: int = 0, n_views: int = 2) -> PairSource:
     """A pair source for any form of data the tools accept (module docstring).
 
     ``image_size`` is the model's input size ``(H, W)`` (synthetic scenes are rendered, captures

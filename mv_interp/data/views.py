@@ -33,7 +33,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
-__all__ = ["Views", "ViewsLike", "as_views", "is_views"]
+__all__ = ["Views", "ViewsLike", "BatchesLike", "as_views", "is_views"]
 
 #: One view: a dict of tensors with a leading batch axis (``img`` at least).
 View = dict[str, Tensor]
@@ -155,6 +155,10 @@ class Views(list):
 
 #: What :func:`as_views` accepts.
 ViewsLike = Union[Views, Sequence[Mapping[str, Tensor]], Sequence[Tensor]]
+#: What the batch-by-batch tools (head scores, means, probe evaluation) take as data: one batch,
+#: an iterable of batches (a ``DataLoader`` with ``collate_fn=Views.collate``), or a
+#: ``torch.utils.data.Dataset`` of samples (lists of unbatched view dicts), collated in chunks.
+BatchesLike = Union[ViewsLike, Iterable[ViewsLike], "torch.utils.data.Dataset"]
 
 
 def is_views(obj: Any) -> bool:

@@ -9,24 +9,19 @@ from .._cli import add_model_args, load_from_args
 from ..resume import StateFile
 
 
-def _threshold_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("labels (HeadThresholds; defaults in docs/heads.md)")
-    g.add_argument("--correspondence-px", type=float, default=None,
-                   help="pixel threshold whose recall decides (default: the patch size)")
-    g.add_argument("--correspondence-recall", type=float, default=None, help="minimum recall of a correspondence head")
-    g.add_argument("--correspondence-lift", type=float, default=None, help="minimum recall lift over chance")
-    g.add_argument("--register-lift", type=float, default=None, help="minimum lift of the top-k key mass")
-    g.add_argument("--local-lift", type=float, default=None, help="minimum lift of the local-window mass")
-    g.add_argument("--min-block-mass", type=float, default=None,
-                   help="ignore blocks with less of the queries' attention than this")
+def _threshold_args(p: argparse.ArgumentParser):
+    from ..configs import add_config_options
+    from .result import HeadThresholds
+
+    return add_config_options(p, HeadThresholds, set_option=False, file_option=None,
+                              title="labels (HeadThresholds fields; docs/heads.md)")
 
 
 def _thresholds(args: argparse.Namespace):
+    from ..configs import config_from_args
     from .result import HeadThresholds
 
-    names = ("correspondence_px", "correspondence_recall", "correspondence_lift", "register_lift", "local_lift",
-             "min_block_mass")
-    return HeadThresholds(**{n: getattr(args, n) for n in names if getattr(args, n) is not None})
+    return config_from_args(args, args.threshold_options, HeadThresholds())
 
 
 def _data_spec(args: argparse.Namespace, model) -> tuple[str, int, object]:
@@ -67,14 +62,15 @@ def _classify(args: argparse.Namespace) -> int:
     from . import figures
     from .scoring import HeadScorer, ScoreConfig
 
+    from ..configs import config_from_args
+
     model = load_from_args(args)
-    config = ScoreConfig(kinds=tuple(args.kinds), thresholds_px=args.thresholds_px, register_k=args.register_k,
-                         local_radius=args.local_radius, sites=args.sites)
+    config = config_from_args(args, args.score_options, ScoreConfig())
     thresholds = _thresholds(args)
     desc, n_batches, get_batch = _data_spec(args, model)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    progress = StateFile(out / "progress.pt", {"model": str(args.model), "config": args.config, "data": desc,
+    progress = StateFile(out / "progress.pt", {"model": str(args.model), "config": args.model_config, "data": desc,
                                                "batch": args.batch_size, "score": config.to_dict()})
     scorer = HeadScorer(model, config)
     done = 0
@@ -114,38 +110,42 @@ def _relabel(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("heads", help="score and classify attention heads (correspondence, register, local)")
+    from .._cli import add_long_side_arg
+    from ..configs import add_config_options
+    from .scoring import KINDS, ScoreConfig
+
+    p = sub.add_parser("heads", help="score and classify attention heads (correspondence, register, local)",
+                       description="Score every attention head of a model (correspondence recall, register and "
+                                   "local attention mass), label them with explicit thresholds, and re-label saved "
+                                   "scores with other thresholds.")
     hsub = p.add_subparsers(dest="heads_command", metavar="SUBCOMMAND", required=True)
 
     c = hsub.add_parser("classify", help="score every head over a dataset; write table, heatmaps, curve, overlays",
                         description="Score every attention head of a model over synthetic pairs at the model's input "
                                     "size (default) or a capture directory, label them, and write scores.csv, "
-                                    "scores.json, state.pt and PNG figures to --out. Re-running the same command "
+                                    "scores.json, state.pt and PNG figures to --out.\n\nRe-running the same command "
                                     "resumes from --out/progress.pt.")
     add_model_args(c)
     c.add_argument("--out", required=True, help="output directory")
     c.add_argument("--pairs", type=int, default=None, help="number of pairs (default: 64 synthetic / all captured)")
     c.add_argument("--data", default=None, help="capture directory (default: synthetic scenes)")
-    c.add_argument("--size", type=int, default=None, help="capture images: long side to load at (default: model's)")
-    c.add_argument("--views", type=int, default=2, help="views per synthetic scene for models taking any number")
+    add_long_side_arg(c)
+    c.add_argument("--views", type=int, default=2,
+                   help="views per synthetic scene for models taking any number (default: %(default)s)")
     c.add_argument("--seed", type=int, default=0, help="seed of the first synthetic scene (default: %(default)s)")
     c.add_argument("--batch-size", type=int, default=8, help="pairs per forward (default: %(default)s)")
-    c.add_argument("--kinds", nargs="+", default=["correspondence", "register", "local"],
-                   choices=["correspondence", "register", "local"], help="score families (default: all)")
-    c.add_argument("--thresholds-px", type=float, nargs="+", default=None,
-                   help="correspondence pixel thresholds (default: 0, patch, 2·patch)")
-    c.add_argument("--register-k", type=int, default=5, help="keys in a register set (default: %(default)s)")
-    c.add_argument("--local-radius", type=int, default=1, help="local window radius in patches (default: %(default)s)")
-    c.add_argument("--sites", nargs="+", default=None, help="only attention sites matching these globs")
-    c.add_argument("--queries", type=int, default=4, help="query patches per overlay figure (0: no overlays)")
+    c.add_argument("--queries", type=int, default=4,
+                   help="query patches per overlay figure, 0 for no overlays (default: %(default)s)")
     c.add_argument("--no-figures", action="store_true", help="write only the tables and state")
     c.add_argument("--fresh", action="store_true", help="ignore --out/progress.pt and start again")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
-    _threshold_args(c)
-    c.set_defaults(func=_classify)
+    score = add_config_options(c, ScoreConfig, set_option=False, file_option=None, choices={"kinds": KINDS},
+                               title="scores (ScoreConfig fields)")
+    c.set_defaults(func=_classify, score_options=score, threshold_options=_threshold_args(c))
 
-    r = hsub.add_parser("relabel", help="re-label saved scores with other thresholds (no model needed)")
+    r = hsub.add_parser("relabel", help="re-label saved scores with other thresholds (no model needed)",
+                        description="Re-label the scores saved by `mv-interp heads classify` with other "
+                                    "thresholds and rewrite the tables and figures (no model needed).")
     r.add_argument("dir", help="directory written by `mv-interp heads classify`")
     r.add_argument("--no-figures", action="store_true", help="write only the tables")
-    _threshold_args(r)
-    r.set_defaults(func=_relabel)
+    r.set_defaults(func=_relabel, threshold_options=_threshold_args(r))

@@ -17,9 +17,8 @@ import torch
 from torch import Tensor
 
 from ..adapters.base import pattern_blocks
-from ..data.views import as_views
+from ..data.views import ViewsLike, as_views
 from ..errors import OutOfRangeError, UnknownNameError
-from ..io import atomic_write
 from ..metrics import patch_centres
 from ..types import ModelLike, as_module
 from ..viz.plotting import pyplot, save_figure
@@ -233,7 +232,7 @@ def _blend(img: Tensor, attn: Tensor, patch: int, cmap) -> Tensor:
     return img * (1 - alpha) + colour * alpha
 
 
-def _one_pair(model: ModelLike, views: Any, sample: int) -> tuple[Any, list[dict[str, Tensor]]]:
+def _one_pair(model: ModelLike, views: ViewsLike, sample: int) -> tuple[Any, list[dict[str, Tensor]]]:
     module = as_module(model)
     vs = as_views(views, "views")
     n = vs[0]["img"].shape[0]
@@ -285,7 +284,7 @@ def default_queries(grid: tuple[int, int], n: int = 4, match: Tensor | None = No
     return [candidates[i] for i in chosen]
 
 
-def plot_attention_overlays(model: ModelLike, views: Any, heads: Sequence[HeadRef], path: str | Path,
+def plot_attention_overlays(model: ModelLike, views: ViewsLike, heads: Sequence[HeadRef], path: str | Path,
                             queries: Sequence[int] | None = None, sample: int = 0,
                             labels: Mapping[HeadRef, Sequence[str]] | None = None) -> Path:
     """Attention maps of chosen heads for chosen query patches (the paper's Figure 15 style).
@@ -346,7 +345,7 @@ def plot_attention_overlays(model: ModelLike, views: Any, heads: Sequence[HeadRe
     return _save(fig, path)
 
 
-def plot_correspondence_lines(model: ModelLike, views: Any, scores: HeadScores, path: str | Path, sample: int = 0,
+def plot_correspondence_lines(model: ModelLike, views: ViewsLike, scores: HeadScores, path: str | Path, sample: int = 0,
                               max_lines: int = 40, threshold_px: float | None = None) -> Path:
     """Correspondences of the best head per layer on one pair: the key view (left) and the query
     view (right) side by side, a line from each query patch to the key patch its head attends to
@@ -420,7 +419,7 @@ def _example_blocks(scores: HeadScores) -> list[tuple[str, tuple[str, int, int]]
     return out
 
 
-def save_example_figures(model: ModelLike, views: Any, scores: HeadScores, out_dir: str | Path, n_queries: int = 4,
+def save_example_figures(model: ModelLike, views: ViewsLike, scores: HeadScores, out_dir: str | Path, n_queries: int = 4,
                          sample: int = 0, labels: Mapping[HeadRef, Sequence[str]] | None = None,
                          queries: Sequence[int] | None = None) -> dict[str, Path]:
     """Figure-15-style overlays (every head of the best correspondence block, the strongest register

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from .. import distributed as D
 from ..adapters.base import AttentionSite, ProbeSite, pattern_blocks, view_tokens
-from ..data.views import Views, as_views, is_views
+from ..data.views import BatchesLike, Views, ViewsLike, as_views, is_views
 from ..resume import StateFile, fingerprint, tensor_digest
 from ..types import ModelLike, as_module
 from .result import GEOMETRY_KEYS, KINDS, HeadScores, ScoreConfig, UnitInfo
@@ -240,7 +240,7 @@ def _input_residual(site: AttentionSite, key_view: int, probes: Sequence[ProbeSi
 # --------------------------------------------------------------------------------------
 
 
-def iter_batches(data: Any, batch_size: int = 8) -> Iterable[list[dict[str, Tensor]]]:
+def iter_batches(data: BatchesLike, batch_size: int = 8) -> Iterable[list[dict[str, Tensor]]]:
     """Batches (lists of batched view dicts) from any of the forms :func:`score_heads` takes.
 
     - one batch: a list of view dicts (``mv_interp.data.render_views`` output) or a tuple of
@@ -329,7 +329,7 @@ class HeadScorer:
 
     # -- one batch ----------------------------------------------------------------------
     @torch.no_grad()
-    def update(self, batch: Any) -> None:
+    def update(self, batch: ViewsLike) -> None:
         """Run the model on one batch (a list of batched view dicts, or image tensors) and add
         its statistics."""
         views = as_views(batch, "HeadScorer.update")
@@ -557,7 +557,7 @@ class HeadScorer:
 
 def score_heads(
     model: ModelLike,
-    data: Any,
+    data: BatchesLike,
     kinds: Sequence[str] = KINDS,
     *,
     batch_size: int = 8,

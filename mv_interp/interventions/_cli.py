@@ -14,11 +14,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .._cli import add_model_args, load_from_args
+from .._cli import add_long_side_arg, add_model_args, load_from_args
 from ..io import atomic_write
+from ..types import ModelLike
 
 
-def _load_pairs(model: Any, pairs: list[list[str]], size: int | None) -> list[tuple[Any, ...]]:
+def _load_pairs(model: ModelLike, pairs: list[list[str]], size: int | None) -> list[tuple[Any, ...]]:
     """Load image pairs at the model's input size, all cropped to one common shape."""
     from ..images import load_images
 
@@ -32,13 +33,13 @@ def _load_pairs(model: Any, pairs: list[list[str]], size: int | None) -> list[tu
     return [tuple(imgs[i * n + j : i * n + j + 1] for j in range(n)) for i in range(len(pairs))]
 
 
-def _outputs_to_tensors(model: Any, out: Any) -> dict[str, Any]:
+def _outputs_to_tensors(model: ModelLike, out: Any) -> dict[str, Any]:
     views = model.view_outputs(out)
     return {f"view{v}.{k}": views[v - 1][k].detach().cpu().float().contiguous()
             for v in range(1, len(views) + 1) for k in ("pts3d", "conf") if k in views[v - 1]}
 
 
-def change_summary(model: Any, before: Any, after: Any) -> dict[str, Any]:
+def change_summary(model: ModelLike, before: Any, after: Any) -> dict[str, Any]:
     """How much an intervention moved the outputs, per view (units: the model's output units)."""
     from .metrics import pointmap_distance, scale_invariant_pointmap_distance
 
@@ -151,31 +152,41 @@ def _means(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("intervene", help="run a pair with and without an intervention spec (JSON); write both outputs")
+    p = sub.add_parser("intervene", help="run a pair with and without an intervention spec (JSON); write both outputs",
+                       description="Run one pair of images with and without an intervention spec (knockout, "
+                                   "ablation or patching, as JSON: docs/interventions.md) and write both outputs "
+                                   "(safetensors) and a summary of how much the pointmaps moved.")
     p.add_argument("spec", help="intervention spec JSON ({'type': 'attention_knockout', ...}; "
                                 "see docs/interventions.md)")
     add_model_args(p)
     p.add_argument("--pair", nargs=2, required=True, metavar=("IMG1", "IMG2"), help="the two views")
     p.add_argument("--source", nargs=2, metavar=("IMG1", "IMG2"),
-                   help="pair whose activations patching / resample ablation copy in (the clean run)")
+                   help="pair whose activations patching / resample ablation copy in, the clean run "
+                        "(default: none)")
     p.add_argument("--means", default=None, help="mean activations file for mode='mean' specs without a 'means' "
                                                  "path (from `mv-interp means`)")
     p.add_argument("--method", choices=("hooks", "nnsight"), default="hooks",
-                   help="run through TransformerLens-style hooks or an nnsight trace (same result)")
-    p.add_argument("--size", type=int, default=None, help="image long side (default: the model's)")
+                   help="run through TransformerLens-style hooks or an nnsight trace, same result "
+                        "(default: %(default)s)")
+    add_long_side_arg(p)
     p.add_argument("--out", default="mv_interp_out/intervene", help="output folder (default: %(default)s)")
     p.set_defaults(func=_intervene)
 
-    p = sub.add_parser("patch", help="activation-patching sweep (clean -> corrupted) with a heatmap")
+    p = sub.add_parser("patch", help="activation-patching sweep (clean -> corrupted) with a heatmap",
+                       description="Patch activations of the clean pair into the corrupted pair at every site "
+                                   "(or head, or token) of a stack and measure how far the output returns to the "
+                                   "clean one: 0 = restored, 1 = as corrupted. Writes the tensor, a JSON table and "
+                                   "a heatmap.")
     add_model_args(p)
     p.add_argument("--clean", nargs=2, required=True, metavar=("IMG1", "IMG2"), help="the clean pair")
     p.add_argument("--corrupted", nargs=2, required=True, metavar=("IMG1", "IMG2"), help="the corrupted pair")
     p.add_argument("--per", choices=("site", "head", "position"), default="site",
                    help="patch whole sites, single heads (hook_z) or single tokens (default: %(default)s)")
     p.add_argument("--stack", default="dec", help="which stack to sweep (default: %(default)s)")
-    p.add_argument("--kinds", nargs="+", default=None, help="only these site kinds (e.g. self cross mlp)")
-    p.add_argument("--views", nargs="+", type=int, default=None, help="only these views' sites")
-    p.add_argument("--layers", nargs="+", type=int, default=None, help="only these layers")
+    p.add_argument("--kinds", nargs="+", default=None,
+                   help="only these site kinds, e.g. self cross mlp (default: every kind)")
+    p.add_argument("--views", nargs="+", type=int, default=None, help="only these views' sites (default: all views)")
+    p.add_argument("--layers", nargs="+", type=int, default=None, help="only these layers (default: all layers)")
     p.add_argument("--no-sublayers", action="store_true", help="residual sites only (no sublayer outputs)")
     p.add_argument("--metric", choices=("distance", "scale_invariant"), default="distance",
                    help="pointmap distance to the clean run, normalised clean=0 / corrupted=1 (default: %(default)s)")
@@ -183,16 +194,18 @@ def register(sub: Any) -> None:
     p.add_argument("--method", choices=("hooks", "traces", "invokes", "attribution"), default="hooks",
                    help="cache + hooks, two nnsight traces, one trace with two invokes, or the first-order "
                         "estimate from two forwards and one backward (default: %(default)s)")
-    p.add_argument("--size", type=int, default=None, help="image long side (default: the model's)")
+    add_long_side_arg(p)
     p.add_argument("--out", default="mv_interp_out/patch", help="output folder (default: %(default)s)")
     p.set_defaults(func=_patch)
 
-    p = sub.add_parser("means", help="per-head mean activations over pairs, for mean ablation")
+    p = sub.add_parser("means", help="per-head mean activations over pairs, for mean ablation",
+                       description="Average every head's output (hook_z) over the given pairs and save it; a "
+                                   "mode='mean' ablation spec reads the file.")
     add_model_args(p)
     p.add_argument("--pair", nargs=2, action="append", required=True, metavar=("IMG1", "IMG2"),
                    help="a pair of views (repeat for more)")
     p.add_argument("--stack", default="dec", help="attention stack (default: %(default)s)")
     p.add_argument("--per-head", action="store_true", help="average over positions too (fits any input size)")
-    p.add_argument("--size", type=int, default=None, help="image long side (default: the model's)")
+    add_long_side_arg(p)
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.set_defaults(func=_means)

@@ -30,16 +30,18 @@ import torch
 from torch import Tensor
 
 from ..cache import final_resid_site, frozen_norm, norm_bias
-from ..types import as_module
+from ..adapters.base import MultiViewModel
+from ..model import model_inputs
+from ..types import ModelLike, ViewInputs, as_module
 from .metrics import Metric, distance_to, metric_name, reduce_metric
-from .patching import PatchingSweep, _views, sweep_cells
+from .sweep import PatchingSweep, sweep_cells, view_args
 
 # --------------------------------------------------------------------------------------
 # Attribution patching
 # --------------------------------------------------------------------------------------
 
 
-def _selection_mask(model: Any, cell: Any, like: Tensor, n_views: int) -> Tensor:
+def _selection_mask(model: ModelLike, cell: Any, like: Tensor, n_views: int) -> Tensor:
     """The elements of ``like`` that ``cell``'s patch replaces, as a float mask.
 
     Patching a zero tensor from a source of ones with the cell's own spec marks exactly the
@@ -50,7 +52,7 @@ def _selection_mask(model: Any, cell: Any, like: Tensor, n_views: int) -> Tensor
     return out.to(like.dtype)
 
 
-def attribution_patching(model: Any, clean: Sequence[Any], corrupted: Sequence[Any], *, per: str = "site",
+def attribution_patching(model: ModelLike, clean: ViewInputs, corrupted: ViewInputs, *, per: str = "site",
                          metric: Metric | None = None, normalize: bool = True, stack: str = "dec",
                          kinds: Sequence[str] | None = None, views: Sequence[int] | None = None,
                          layers: Sequence[int] | None = None, sublayers: bool = True,
@@ -65,7 +67,7 @@ def attribution_patching(model: Any, clean: Sequence[Any], corrupted: Sequence[A
     metric is close to linear in the patched activation; check it against ``patching_sweep`` on
     a few cells (``docs/interventions.md`` reports the rank correlation on ``dust3r-toy``).
     """
-    clean, corrupted = _views(clean, "clean"), _views(corrupted, "corrupted")
+    clean, corrupted = view_args(clean, "clean"), view_args(corrupted, "corrupted")
     n_views = n_views if n_views is not None else len(corrupted)
     module = as_module(model)
     t0 = time.perf_counter()
@@ -185,7 +187,7 @@ def _repeat(x: Any, k: int, batch: int) -> Any:
     return x
 
 
-def _head_map(module: Any, views: Sequence[Tensor], kwargs: dict, hook: str, site: Any, n_views: int,
+def _head_map(module: MultiViewModel, views: Sequence[Tensor], kwargs: dict, hook: str, site: Any, n_views: int,
               view: int, target: str, u: Tensor, tangents: Tensor | None) -> Tensor:
     """The target of ``view`` when its head input is ``u`` ``[batch, pos, d]``; with ``tangents``
     ``[k, batch, pos, d]``, the target's Jacobian-vector products along each of them instead,
@@ -217,7 +219,7 @@ def _head_map(module: Any, views: Sequence[Tensor], kwargs: dict, hook: str, sit
     return jt.detach().unflatten(0, (k, batch))
 
 
-def _normed_components(module: Any, views: Sequence[Tensor], kwargs: dict, view: int, heads: bool,
+def _normed_components(module: MultiViewModel, views: Sequence[Tensor], kwargs: dict, view: int, heads: bool,
                        n_views: int) -> tuple[Tensor, list[str], Tensor, Tensor]:
     """(components through the frozen final norm, labels, the norm's bias, the head input)."""
     names = ({s.hook for s in module.probe_sites(sublayers=True, n_views=n_views) if s.stack == "dec"}
@@ -236,7 +238,7 @@ def _normed_components(module: Any, views: Sequence[Tensor], kwargs: dict, view:
         return normed, labels, norm_bias(norm, normed[0]), head_in
 
 
-def direct_pointmap_attribution(model: Any, views: Sequence[Any], *, view: int = 1, target: str = "pts3d",
+def direct_pointmap_attribution(model: ModelLike, views: ViewInputs, *, view: int = 1, target: str = "pts3d",
                                 heads: bool = True, reference: Sequence[Any] | None = None, chunk: int = 16,
                                 **kwargs: Any) -> PointmapAttribution:
     """The contribution of each component of ``view``'s final residual to that view's ``target``.
@@ -259,10 +261,8 @@ def direct_pointmap_attribution(model: Any, views: Sequence[Any], *, view: int =
     if chunk < 1:
         raise ValueError(f"chunk must be at least 1, got {chunk}")
     module = as_module(model)
-    views = _views(views, "views")
-    from ..model import _as_views
-
-    views = _as_views(views, module)
+    views = view_args(views, "views")
+    views = model_inputs(views, module)
     n_views = len(views)
     if not 1 <= view <= n_views:
         raise IndexError(f"view {view} out of range for {n_views} views (valid: 1..{n_views})")
@@ -273,7 +273,7 @@ def direct_pointmap_attribution(model: Any, views: Sequence[Any], *, view: int =
     if target not in out:
         raise KeyError(f"target {target!r} is not an output of view {view}; outputs: {sorted(out)}")
     if reference is not None:
-        ref_views = _as_views(_views(reference, "reference"), module)
+        ref_views = model_inputs(view_args(reference, "reference"), module)
         ref_normed, ref_labels, _, ref_in = _normed_components(module, ref_views, kwargs, view, heads, n_views)
         if ref_labels != labels:
             raise ValueError("the reference run decomposes into other components; give views of the same shape")

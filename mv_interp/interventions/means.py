@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..data.views import BatchesLike
 from ..errors import UnknownNameError
 from ..io import atomic_write
 from ..types import ModelLike, as_module
@@ -88,7 +89,7 @@ class MeanActivations(Mapping):
         return cls(means, int(meta["n_examples"]), meta["per_position"] == "True", json.loads(meta.get("info", "{}")))
 
 
-def _batches(inputs: Any) -> Iterable[Sequence[Any]]:
+def _batches(inputs: BatchesLike) -> Iterable[Sequence[Any]]:
     """One batch (a sequence of views) or an iterable of batches → iterable of batches."""
     if isinstance(inputs, (list, tuple)) and inputs and (
         isinstance(inputs[0], Tensor) or (isinstance(inputs[0], Mapping) and "img" in inputs[0])
@@ -97,7 +98,7 @@ def _batches(inputs: Any) -> Iterable[Sequence[Any]]:
     return inputs
 
 
-def compute_means(model: ModelLike, inputs: Any, hooks: Sequence[str] | str, *, per_position: bool = True,
+def compute_means(model: ModelLike, inputs: BatchesLike, hooks: Sequence[str] | str, *, per_position: bool = True,
                   n_views: int | None = None, progress: bool = False) -> MeanActivations:
     """Mean of each hook's activation over every example of ``inputs``.
 
@@ -147,7 +148,7 @@ def compute_means(model: ModelLike, inputs: Any, hooks: Sequence[str] | str, *, 
     return MeanActivations({h: (s / count).float() for h, s in sums.items()}, count, per_position, info)
 
 
-def head_means(model: ModelLike, inputs: Any, *, stack: str = "dec", kinds: Sequence[str] | None = None,
+def head_means(model: ModelLike, inputs: BatchesLike, *, stack: str = "dec", kinds: Sequence[str] | None = None,
                per_position: bool = True, n_views: int | None = None, progress: bool = False) -> MeanActivations:
     """:func:`compute_means` of every attention site's per-head output (``hook_z``) in ``stack``."""
     sites = [s for s in as_module(model).attention_sites() if s.stack == stack]

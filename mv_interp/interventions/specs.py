@@ -38,6 +38,7 @@ from torch import Tensor
 
 from ..errors import OutOfRangeError, UnknownNameError
 from ..io import atomic_write
+from ..types import ModelLike, ViewInput
 from .sites import (
     HookInfo,
     attention_block,
@@ -85,21 +86,21 @@ class Intervention:
     type: ClassVar[str] = ""
 
     # -- compile ------------------------------------------------------------------------------
-    def edits(self, model: Any, *, source: Source | None = None, n_views: int | None = None) -> list[Edit]:
+    def edits(self, model: ModelLike, *, source: Source | None = None, n_views: int | None = None) -> list[Edit]:
         """The edits this spec makes on ``model`` (validates layers, heads and hooks)."""
         raise NotImplementedError
 
-    def source_hooks(self, model: Any) -> list[str]:
+    def source_hooks(self, model: ModelLike) -> list[str]:
         """Hooks whose ``source`` activation this spec reads, in execution order."""
         return []
 
     # -- run ----------------------------------------------------------------------------------
-    def fwd_hooks(self, model: Any, *, source: Source | None = None,
+    def fwd_hooks(self, model: ModelLike, *, source: Source | None = None,
                   n_views: int | None = None) -> list[tuple[str, Callable]]:
         """``[(hook name, fn(activation, hook))]`` for ``run_with_hooks`` / ``model.hooks``."""
         return [(e.hook, _as_hook_fn(e.fn)) for e in self.edits(model, source=source, n_views=n_views)]
 
-    def apply_nnsight(self, model: Any, *, source: Source | None = None, n_views: int | None = None,
+    def apply_nnsight(self, model: ModelLike, *, source: Source | None = None, n_views: int | None = None,
                       barrier: Any = None) -> None:
         """Apply inside ``with model.trace(...)`` (or inside one ``tracer.invoke``).
 
@@ -117,13 +118,13 @@ class Intervention:
             point = envoy(model, hook)
             point.output = _compose([e.fn for e in group])(point.output)
 
-    def run(self, model: Any, *views: Any, source: Source | None = None, n_views: int | None = None) -> Any:
+    def run(self, model: ModelLike, *views: ViewInput, source: Source | None = None, n_views: int | None = None) -> Any:
         """Forward ``views`` with this intervention (TransformerLens hooks); returns the model output."""
         n_views = n_views if n_views is not None else len(views)
         with torch.no_grad():
             return model.run_with_hooks(*views, fwd_hooks=self.fwd_hooks(model, source=source, n_views=n_views))
 
-    def run_with_cache(self, model: Any, *views: Any, names_filter: Any = None, source: Source | None = None,
+    def run_with_cache(self, model: ModelLike, *views: ViewInput, names_filter: Any = None, source: Source | None = None,
                        n_views: int | None = None) -> tuple[Any, Any]:
         """``(output, ActivationCache)`` of ``views`` with this intervention applied (e.g. to probe
         the residual stream after a knockout)."""
@@ -131,7 +132,7 @@ class Intervention:
         with torch.no_grad(), model.hooks(self.fwd_hooks(model, source=source, n_views=n_views)):
             return model.run_with_cache(*views, names_filter=names_filter)
 
-    def validate(self, model: Any, n_views: int | None = None) -> None:
+    def validate(self, model: ModelLike, n_views: int | None = None) -> None:
         """Check layers, heads, views and hook names against ``model`` (token indices are checked
         at run time, when the number of tokens is known). Raises with the valid range."""
         self.edits(model, source=_ANY_SOURCE, n_views=n_views)
@@ -357,13 +358,13 @@ class AttentionKnockout(Intervention):
         if self.queries.kind == "others" and self.kind != "self":
             raise ValueError("queries='others' needs self-attention (queries and keys are the same tokens)")
 
-    def rule_hooks(self, model: Any) -> list[str]:
+    def rule_hooks(self, model: ModelLike) -> list[str]:
         """Pattern hooks a rule-based token set reads (record them on a clean run to fix the rule there)."""
         if not (self.keys.is_rule or self.queries.is_rule):
             return []
         return [s.pattern_hook for s in resolve_attention_sites(model, self.stack, self.kind, self.layers, self.view)]
 
-    def edits(self, model: Any, *, source: Source | None = None, n_views: int | None = None) -> list[Edit]:
+    def edits(self, model: ModelLike, *, source: Source | None = None, n_views: int | None = None) -> list[Edit]:
         out: list[Edit] = []
         for site in resolve_attention_sites(model, self.stack, self.kind, self.layers, self.view):
             heads = check_heads(self.heads, site)
@@ -593,16 +594,16 @@ class HeadAblation(Intervention):
         if self.means is not None and self.mode != "mean":
             raise ValueError(f"means= is only used with mode='mean' (mode is {self.mode!r})")
 
-    def _sites(self, model: Any):
+    def _sites(self, model: ModelLike):
         return resolve_attention_sites(model, self.stack, self.kind, self.layers, self.view)
 
-    def source_hooks(self, model: Any) -> list[str]:
+    def source_hooks(self, model: ModelLike) -> list[str]:
         if self.mode == "zero" or (self.mode == "mean" and self.means is not None):
             return []
         rank = execution_rank(model)
         return sorted({s.z_hook for s in self._sites(model)}, key=rank.__getitem__)
 
-    def edits(self, model: Any, *, source: Source | None = None, n_views: int | None = None) -> list[Edit]:
+    def edits(self, model: ModelLike, *, source: Source | None = None, n_views: int | None = None) -> list[Edit]:
         if self.mode == "mean" and self.means is not None and source is not _ANY_SOURCE:
             from .means import MeanActivations
 
@@ -668,10 +669,10 @@ class ActivationPatch(Intervention):
         if self.positions.is_rule:
             raise ValueError(f"positions must be indices, a mask or 'all', got the rule {self.positions.kind!r}")
 
-    def source_hooks(self, model: Any) -> list[str]:
+    def source_hooks(self, model: ModelLike) -> list[str]:
         return [self.hook]
 
-    def edits(self, model: Any, *, source: Source | None = None, n_views: int | None = None) -> list[Edit]:
+    def edits(self, model: ModelLike, *, source: Source | None = None, n_views: int | None = None) -> list[Edit]:
         info = hook_info(model, self.hook)
         heads = None
         if self.heads != "all":
@@ -704,11 +705,11 @@ class Composite(Intervention):
         parts = tuple(p if isinstance(p, Intervention) else spec_from_dict(p) for p in self.interventions)
         _set(self, "interventions", parts)
 
-    def source_hooks(self, model: Any) -> list[str]:
+    def source_hooks(self, model: ModelLike) -> list[str]:
         rank = execution_rank(model)
         return sorted({h for p in self.interventions for h in p.source_hooks(model)}, key=rank.__getitem__)
 
-    def edits(self, model: Any, *, source: Source | None = None, n_views: int | None = None) -> list[Edit]:
+    def edits(self, model: ModelLike, *, source: Source | None = None, n_views: int | None = None) -> list[Edit]:
         return [e for p in self.interventions for e in p.edits(model, source=source, n_views=n_views)]
 
 
@@ -717,7 +718,7 @@ class Composite(Intervention):
 # --------------------------------------------------------------------------------------
 
 
-def read_source_nnsight(model: Any, hooks: Sequence[str], barrier: Any = None,
+def read_source_nnsight(model: ModelLike, hooks: Sequence[str], barrier: Any = None,
                         into: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
     """Read ``hooks`` (in execution order) inside a trace — the clean invoke of a patching run.
 

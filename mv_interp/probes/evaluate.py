@@ -34,6 +34,7 @@ from .. import metrics as M
 from ..errors import UnknownNameError
 from ..io import atomic_write, dumps_json, nan_if_none, read_json
 from ..types import ModelLike, as_module
+from ..data.views import BatchesLike
 from .data import EVAL_SEED, Batch, SyntheticSource, batch_size_of, check_batch, slice_batch
 from .lens import lens_sites, pointmap_lens
 from .probeset import ProbeSet
@@ -227,7 +228,7 @@ def _synthetic_batches(module, n: int, batch_size: int) -> Iterable[Batch | None
             if i % W == rank else None
 
 
-def _batches(data: Any, batch_size: int, need: Sequence[str]) -> Iterable[Batch | None]:
+def _batches(data: BatchesLike, batch_size: int, need: Sequence[str]) -> Iterable[Batch | None]:
     """The batches of ``data``; under ``torch.distributed`` batch ``i`` goes to rank ``i mod W``
     (``None`` in its place on the others)."""
     W, rank = D.world_size(), D.rank()
@@ -310,7 +311,7 @@ def _run(module, sites, views, n_views):
 
 
 @torch.no_grad()
-def evaluate_probes(model: ModelLike, probes: ProbeSet | None = None, data: Any = 64, *, control: ProbeSet | None = None,
+def evaluate_probes(model: ModelLike, probes: ProbeSet | None = None, data: int | BatchesLike = 64, *, control: ProbeSet | None = None,
                     lens: bool = True, batch_size: int = 8, check: bool = True, progress: bool = False) -> ProbeTable:
     """Evaluate probes, the pointmap lens and the control per site on held-out pairs.
 

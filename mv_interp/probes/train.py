@@ -31,10 +31,11 @@ from torch import Tensor
 
 from .. import distributed as D
 from ..io import atomic_write
-from ..loading import remove_stale_tmp
+from ..io import remove_stale_tmp
 from ..resume import StateFile
 from ..types import ModelLike, as_module
 from .config import TrainConfig
+from ..data.sources import SourceLike
 from .data import PairSource, Prefetcher, check_batch, open_source, shard_batch
 from .losses import stacked_probe_loss
 from .probeset import ProbeSet, fingerprint, random_backbone
@@ -51,7 +52,7 @@ def autocast_context(device: torch.device, amp: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def _data_source(data: Any, module, config: TrainConfig) -> PairSource:
+def _data_source(data: SourceLike, module, config: TrainConfig) -> PairSource:
     return open_source(data, tuple(module.config.img_size), seed=config.data_seed)
 
 
@@ -111,7 +112,7 @@ def make_optimizer(params: list, config: TrainConfig, device: torch.device) -> t
 
 
 def train_probes(model: ModelLike, config: TrainConfig | None = None, out_dir: str | os.PathLike | None = None,
-                 data: Any = None, progress: bool | Callable[[int, int], None] = True, stop_after: int | None = None,
+                 data: SourceLike = None, progress: bool | Callable[[int, int], None] = True, stop_after: int | None = None,
                  prefetch: int = 2) -> ProbeSet:
     """Train probes of every kind in ``config.probes`` at every probe site of ``model``, jointly.
 

@@ -269,13 +269,17 @@ def write_4d(out_dir: str | os.PathLike, model: ModelLike, probes: ProbeSet | No
              title: str = "Probed pointmaps through the network") -> dict[str, Path]:
     """Write ``probes_4d.html`` (one slider viewer per pair and method, works offline) and one
     ``pair_<label>.rrd`` rerun recording per pair (probe frames on the ``site`` timeline; the lens
-    under ``lens/``). ``pairs`` maps a label (e.g. ``"easy"``) to a batch whose first pair is shown.
+    under ``lens/``) when ``rerun`` and rerun-sdk (the ``rerun`` extra) is installed. ``pairs`` maps a
+    label (e.g. ``"easy"``) to a batch whose first pair is shown.
 
     >>> write_4d("runs/show", model, probes, {"easy": easy, "hard": hard})
     """
+    from ..viz import rerun_available
+
     out = Path(out_dir)
     files: dict[str, Path] = {}
     parts = []
+    rerun = rerun and rerun_available()
     for label, pair in pairs.items():
         four = pair_frames(model, probes, pair, kind, lens)
         for method, frames in four.methods.items():

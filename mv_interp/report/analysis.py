@@ -280,7 +280,7 @@ def output_metrics_per_pair(model: ModelLike, views: Batch, batch_size: int,
     return {k: torch.cat(v).double().numpy() for k, v in acc.items()}
 
 
-def output_metrics(model: Any, views: Batch, batch_size: int,
+def output_metrics(model: ModelLike, views: Batch, batch_size: int,
                    outputs: list[list[dict[str, Tensor]]] | None = None) -> dict[str, float]:
     """The means over pairs of :func:`output_metrics_per_pair`."""
     per = output_metrics_per_pair(model, views, batch_size, outputs)
@@ -366,7 +366,7 @@ def unit_row(u: Any) -> dict[str, Any]:
             "n_heads": u.site.n_heads}
 
 
-def score_heads_per_pair(model: Any, views: Batch, config: Any = None, progress: bool = False) -> tuple[Any, dict]:
+def score_heads_per_pair(model: ModelLike, views: Batch, config: Any = None, progress: bool = False) -> tuple[Any, dict]:
     """:func:`mv_interp.heads.score_heads` on ``views``, one pair per update, keeping each pair's
     sums (the statistics are sums, so the scores are the same as a batched run's); returns the
     scores and ``{unit key: {stat: [pairs, ...]}}`` for the intervals."""
@@ -803,11 +803,14 @@ def views_step(model: ModelLike, pairs: Pairs, cfg: ReportConfig, out: Path, pro
     from PIL import Image
 
     from ..probes import ProbeSet, pair_frames
+    from ..viz import rerun_available
 
     module = as_module(model)
     if probes_dir is None and pairs.describe.get("source") != "images":
         probes_dir = out / "probes" / "model"
     probes = ProbeSet.load(probes_dir, device=module.device) if probes_dir is not None else None
+    rerun = rerun_available()  # the .rrd sidecars need the optional extra; the page's viewers do not
+    rerun = rerun_available()  # the .rrd sidecars need the optional extra; the page's viewers do not
     d = out / "views"
     files, info = [], {}
     for label in _tqdm(list(dict.fromkeys(pairs.examples)), progress, desc="4D views", unit="pair"):
@@ -819,8 +822,10 @@ def views_step(model: ModelLike, pairs: Pairs, cfg: ReportConfig, out: Path, pro
             title = f"{label} pair · {'probes' if method == PROBE_KIND else 'pointmap lens'}"
             data = four.viewer_data(method, title=title, max_points=cfg.max_points)
             files.append(write_json(d / f"viewer_{label}_{method}.json", data))
-        files.append(four.write_rerun(d / f"pair_{label}.rrd", next(iter(four.methods)),
-                                      app_id=f"mv_interp_report_{label}"))
+        if rerun:
+            files.append(four.write_rerun(d / f"pair_{label}.rrd", next(iter(four.methods)),
+                                          app_id=f"mv_interp_report_{label}"))
         info[label] = dict(pairs.stats[pairs.examples[label]])
         info[label]["methods"] = list(four.methods)
+    info["rerun"] = rerun
     return files, info

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..stats import NAN, Interval
 from . import html as H
+from ..viz.recording import RERUN_HINT
 from .html import esc, fmt, pct
 from .analysis import VARIANTS
 from .verdicts import Verdict, agreement, judge, register_verdict
@@ -339,7 +340,8 @@ def _geometry(ctx: dict, out: Path) -> str:
         cards.append(
             f'<div class="pair"><h3>{title}</h3><div class="muted">{about}</div>'
             f'<div class="thumbs">{thumbs}</div>' + shown
-            + f'<div class="muted">rerun recording: <code>views/pair_{label}.rrd</code></div></div>')
+            + (f'<div class="muted">rerun recording: <code>views/pair_{label}.rrd</code></div>'
+               if info.get("rerun", True) else "") + '</div>')
     body = H.howto(
         "Each viewer shows what the probes decode from the residual stream of both views at one site; the slider "
         "(or <i>play</i>, or the arrow keys) steps through the sites in processing order: encoder output, decoder "
@@ -350,8 +352,13 @@ def _geometry(ctx: dict, out: Path) -> str:
         "place and its shape straighten: on the easy pair early, on the hard pair over several blocks (the paper's "
         "Figure 3).")
     body += f'<div class="grid2">{"".join(cards)}</div>'
-    body += ('<p class="muted">The same frames as rerun recordings (time axis = site): '
-             '<code>rerun views/pair_easy.rrd</code> in the output folder (<code>pip install rerun-sdk</code>).</p>')
+    if info.get("rerun", True):
+        body += ('<p class="muted">The same frames as rerun recordings (time axis = site): '
+                 '<code>rerun views/pair_easy.rrd</code> in the output folder (the viewer comes with rerun-sdk).</p>')
+    else:
+        body += ('<p class="muted">No rerun recordings (<code>.rrd</code>) of these frames were written: rerun-sdk, '
+                 f'an optional extra, is not installed. To get them: <code>{esc(RERUN_HINT)}</code>, then re-run '
+                 'the same <code>mv-interp report</code> command (only this step is recomputed).</p>')
     return body
 
 

@@ -14,9 +14,11 @@ from typing import Any
 
 import torch
 
-from ..types import as_module
+from ..adapters.base import MultiViewModel
+from ..types import ModelLike, as_module
 from . import analysis as A
 from .config import ReportConfig
+from ..viz.recording import rerun_available
 from .steps import Steps, digest
 
 REPORT = "report.html"
@@ -128,7 +130,7 @@ def cpu_name() -> str:
     return cpu
 
 
-def _environment(module: Any) -> dict[str, Any]:
+def _environment(module: MultiViewModel) -> dict[str, Any]:
     import mv_interp
 
     cpu = cpu_name()
@@ -138,7 +140,7 @@ def _environment(module: Any) -> dict[str, Any]:
             "device": str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else "")}
 
 
-def run_report(model: Any = "dust3r-toy", config: ReportConfig | None = None, out: str | os.PathLike = "mv_interp_out",
+def run_report(model: ModelLike | str | os.PathLike = "dust3r-toy", config: ReportConfig | None = None, out: str | os.PathLike = "mv_interp_out",
                *, data: str | os.PathLike | None = None, images: Sequence[str | os.PathLike] | None = None,
                probes: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                model_config: Any = None, family: str | None = None, force: bool | Iterable[str] = False,
@@ -268,7 +270,8 @@ def run_report(model: Any = "dust3r-toy", config: ReportConfig | None = None, ou
               title=TITLES["knockout"])
     steps.run("patching", {**base, "pairs": min(cfg.patch_pairs, n_used), "per": list(cfg.patch_per)},
               lambda: A.patching_step(model, pairs, cfg, out, progress), title=TITLES["patching"])
-    steps.run("views", {**base, "points": cfg.max_points, "examples": pairs.examples, "probes_key": probes_key},
+    steps.run("views", {**base, "points": cfg.max_points, "examples": pairs.examples, "probes_key": probes_key,
+                       "rerun": rerun_available()},
               lambda: A.views_step(model, pairs, cfg, out, progress, use_probes),
               reads=["probes"], title=TITLES["views"])
     smoke = smoke_reasons(cfg, {n: r.info for n, r in steps.records.items()}, n_used, photos)

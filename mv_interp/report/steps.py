@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import resume as _resume
-from ..loading import remove_stale_tmp
+from ..io import remove_stale_tmp
 from ..resume import FORMAT, MANIFEST, digest
 
 __all__ = ["FORMAT", "MANIFEST", "Manifest", "StepRecord", "Steps", "digest", "file_digest"]

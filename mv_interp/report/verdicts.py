@@ -135,7 +135,7 @@ def agreement(iv: Interval, *, side: str | None = None, band: tuple[float, float
         if good:
             return "agree", f"the whole interval is {what}, as in the paper"
         if bad:
-            return "disagree", f"the whole interval has the opposite sign to the paper's"
+            return "disagree", "the whole interval has the opposite sign to the paper's"
         return "inconclusive", "the interval includes 0"
     lo, hi = band
     if iv.low >= lo and iv.high <= hi:

@@ -383,7 +383,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, device: str | torch.devi
 
 def export_model(out_dir: str | os.PathLike, target: str | os.PathLike, card: str | None = None) -> Path:
     """Save the latest checkpoint's weights as an HF-style model directory (config.json + model.safetensors)."""
-    from ..loading import save_pretrained
+    from ..hub import save_pretrained
 
     out_dir = Path(out_dir)
     cfg = TrainConfig.from_dict(json.loads((out_dir / "train_config.json").read_text()))

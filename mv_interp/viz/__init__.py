@@ -2,12 +2,13 @@
 
 from .viewer import Frame, viewer_assets, viewer_data, viewer_fragment, write_viewer_html
 
-__all__ = ["Frame", "viewer_assets", "viewer_data", "viewer_fragment", "write_viewer_html", "write_rerun_recording"]
+__all__ = ["Frame", "viewer_assets", "viewer_data", "viewer_fragment", "write_viewer_html", "write_rerun_recording",
+           "rerun_available"]
 
 
 def __getattr__(name: str):
-    if name == "write_rerun_recording":  # rerun is imported only when a recording is written
-        from .recording import write_rerun_recording
+    if name in ("write_rerun_recording", "rerun_available"):  # rerun is imported only when a recording is written
+        from . import recording
 
-        return write_rerun_recording
+        return getattr(recording, name)
     raise AttributeError(name)
