@@ -43,7 +43,7 @@ from .errors import OutOfRangeError, UserError
 from .images import check_views
 from .hooks import HookPoint
 from .loading import load_hooked
-from .types import ModelLike, ViewInput
+from .types import ModelLike
 
 
 class ViewBatcher(Batcher):
@@ -145,7 +145,7 @@ class MVModel(NNsight):
             hp.add_watcher(_nnsight_watcher(ref, f"{self.path}.{name}"))
 
     # -- nnsight batching extension points ------------------------------------------------
-    def _batch_size(self, *inputs: ViewInput, **kwargs: Any) -> int:
+    def _batch_size(self, *inputs: Any, **kwargs: Any) -> int:
         if not inputs:
             return 0
         return model_inputs(inputs, self._module)[0].shape[0]
@@ -179,7 +179,9 @@ class MVModel(NNsight):
     def config(self) -> Any:
         return self._module.config
 
-    def forward(self, *views: ViewInput, **kwargs: Any) -> Any:
+    # ``*views: Any`` on purpose here: check_views names what is wrong with any input (a numpy array, a
+    # nested list) and how to fix it, which a narrower annotation would turn into a bare type error.
+    def forward(self, *views: Any, **kwargs: Any) -> Any:
         """Plain forward (no trace): per-view output dicts (compiled when :func:`enable_compile` was called
         and no hook is active)."""
         fast = self._module.__dict__.get("_fast_path")
@@ -207,7 +209,7 @@ class MVModel(NNsight):
                 "replays them, or drop them first with model.clear_edits()."
             )
 
-    def run_with_cache(self, *views: ViewInput, names_filter: Any = None, device: Any = None, **kwargs: Any):
+    def run_with_cache(self, *views: Any, names_filter: Any = None, device: Any = None, **kwargs: Any):
         """``(output, ActivationCache)`` for the hooks selected by ``names_filter``.
 
         ``incl_bwd=True, metric=fn`` also records gradients (``name + "_grad"``); see
@@ -218,7 +220,7 @@ class MVModel(NNsight):
         return self._module.run_with_cache(*model_inputs(views, self._module), names_filter=names_filter,
                                            device=device, **kwargs)
 
-    def run_with_hooks(self, *views: ViewInput, fwd_hooks: Any = (), reset_hooks_end: bool = True,
+    def run_with_hooks(self, *views: Any, fwd_hooks: Any = (), reset_hooks_end: bool = True,
                        bwd_hooks: Any = (), **kwargs: Any):
         """Run with temporary forward / backward hooks (TransformerLens semantics; refused inside an
         nnsight trace and on a model carrying nnsight edits)."""
@@ -230,7 +232,7 @@ class MVModel(NNsight):
         return self._module.hooks(fwd_hooks, reset_hooks_end, bwd_hooks=bwd_hooks)
 
     # -- shape inference ------------------------------------------------------------------
-    def scan(self, *views: ViewInput, **kwargs: Any):
+    def scan(self, *views: Any, **kwargs: Any):
         """nnsight's ``scan``: a trace whose forward runs on fake tensors (shapes and dtypes, no compute).
 
         >>> with model.scan(img1, img2):
@@ -240,7 +242,7 @@ class MVModel(NNsight):
 
         return ScanningTracer(self, "__call__", *views, **kwargs)
 
-    def hook_shapes(self, *views: ViewInput, **kwargs: Any) -> list[tuple[str, tuple[int, ...]]]:
+    def hook_shapes(self, *views: Any, **kwargs: Any) -> list[tuple[str, tuple[int, ...]]]:
         """``[(hook, shape)]`` in execution order for these views, inferred without computing:
         the forward runs under ``FakeTensorMode``, so only shapes propagate (the weights are
         not read). ``hook_table`` is the same from a real run on one-patch images."""

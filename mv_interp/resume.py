@@ -35,12 +35,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from .io import atomic_write, write_text
+from .io import atomic_write, remove_stale_tmp, write_text
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["digest", "fingerprint", "tensor_digest", "identity_diff", "check_identity", "StateFile", "StepRecord", "Manifest", "Steps"]
+__all__ = ["digest", "fingerprint", "tensor_digest", "identity_diff", "check_identity", "StateFile", "StepRecord", "Manifest", "Steps",
+           "file_digest"]
 
 
 def digest(obj: Any) -> str:
@@ -146,9 +147,18 @@ MANIFEST = "manifest.json"
 FORMAT = "mv_interp.report/1"
 
 
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (hex)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 @dataclass
 class StepRecord:
-    """One step's entry in the manifest."""
+    """One step's entry in the manifest, with its files' checksums."""
 
     name: str
     key: str
@@ -159,38 +169,56 @@ class StepRecord:
     info: dict[str, Any] = field(default_factory=dict)
     reused: bool = False
     """Set at load time for this process: the files come from an earlier run."""
+    sha256: dict[str, str] = field(default_factory=dict)
+    """Each file's SHA-256 when the step finished."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"key": self.key, "run_id": self.run_id, "seconds": round(self.seconds, 3), "finished": self.finished,
-                "files": self.files, "info": self.info}
+                "files": self.files, "info": self.info, "sha256": self.sha256}
 
 
 class Manifest:
-    """The record of finished steps in an output folder (``manifest.json``, rewritten atomically)."""
+    """The record of finished steps in an output folder (``manifest.json``, rewritten atomically); a
+    step counts as done only while its files are there and unchanged (their SHA-256 as recorded)."""
 
     def __init__(self, out: str | os.PathLike):
         self.out = Path(out)
         self.path = self.out / MANIFEST
         self.steps: dict[str, StepRecord] = {}
         self.meta: dict[str, Any] = {}
+        self.problem = ""  # why done() last refused a finished step
         if self.path.is_file():
             try:
                 data = json.loads(self.path.read_text())
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 data = {}  # a manifest is only ever replaced whole; an unreadable one means start afresh
-            if data.get("format") == FORMAT:
+            if isinstance(data, dict) and data.get("format") == FORMAT:
                 self.meta = data.get("meta", {})
                 for name, d in data.get("steps", {}).items():
                     self.steps[name] = StepRecord(name, d["key"], d["run_id"], float(d["seconds"]), d["finished"],
-                                                  list(d.get("files", [])), dict(d.get("info", {})), reused=True)
+                                                  list(d.get("files", [])), dict(d.get("info", {})), reused=True,
+                                                  sha256=dict(d.get("sha256") or {}))
 
     def done(self, name: str, key: str) -> StepRecord | None:
-        """The step's record if it finished with this key and its files are all still there."""
+        """The step's record if it finished with this key and its files are all still there, intact."""
+        self.problem = ""
         rec = self.steps.get(name)
         if rec is None or rec.key != key:
             return None
-        if not all((self.out / f).exists() for f in rec.files):
-            return None
+        for f in rec.files:
+            path = self.out / f
+            if not path.exists():
+                self.problem = f"{path} is missing"
+                return None
+            if path.is_file() and f in rec.sha256 and file_digest(path) != rec.sha256[f]:
+                self.problem = f"{path} is damaged or was changed since the step wrote it (checksum differs)"
+                return None
+            if path.is_file() and f not in rec.sha256 and path.suffix == ".json":  # entries of older versions
+                try:
+                    json.loads(path.read_text())
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    self.problem = f"{path} is not valid JSON (truncated?)"
+                    return None
         return rec
 
     def record(self, rec: StepRecord) -> None:
@@ -213,6 +241,9 @@ class Steps:
                  total: int | None = None):
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
+        stale = remove_stale_tmp(self.out)
+        if stale:
+            log(f"removed {len(stale)} temporary file(s) left by an interrupted run")
         self.manifest = Manifest(self.out)
         self.force_all = force is True
         self.force = set() if isinstance(force, bool) else set(force)
@@ -227,10 +258,10 @@ class Steps:
 
     def run(self, name: str, settings: Mapping[str, Any], compute: Callable[[], tuple[list[str], dict[str, Any]]],
             reads: Iterable[str] = (), title: str = "") -> StepRecord:
-        """Reuse step ``name`` if it is done with the same key, else call ``compute()``.
+        """Reuse step ``name`` if it is done with the same key and intact files, else call ``compute()``.
 
         ``compute`` returns ``(files, info)``: the files it wrote (relative to the output folder;
-        all must exist for the step to count as done later) and JSON-able facts for the report.
+        all must exist, unchanged, for the step to count as done later) and JSON-able facts for the report.
         """
         self.count += 1
         head = f"[{self.count}/{self.total}] " if self.total else ""
@@ -246,13 +277,16 @@ class Steps:
                 why = " (forced)"
             elif old is not None and old.key != key:
                 why = " (settings, model or an earlier step changed)"
+            elif self.manifest.problem:
+                why = f" ({self.manifest.problem}; recomputing)"
             self.log(f"{head}{title or name}{why}…")
             t0 = time.perf_counter()
             files, info = compute()
             seconds = time.perf_counter() - t0
             files = [self._rel(f) for f in files]
+            sums = {f: file_digest(self.out / f) for f in files if (self.out / f).is_file()}
             rec = StepRecord(name, key, uuid.uuid4().hex[:12], seconds,
-                             datetime.now(timezone.utc).isoformat(timespec="seconds"), files, info)
+                             datetime.now(timezone.utc).isoformat(timespec="seconds"), files, info, sha256=sums)
             self.manifest.record(rec)
             self.log(f"{head}{title or name}: done in {seconds:.1f} s")
         self.records[name] = rec

@@ -158,7 +158,7 @@ ViewsLike = Union[Views, Sequence[Mapping[str, Tensor]], Sequence[Tensor]]
 #: What the batch-by-batch tools (head scores, means, probe evaluation) take as data: one batch,
 #: an iterable of batches (a ``DataLoader`` with ``collate_fn=Views.collate``), or a
 #: ``torch.utils.data.Dataset`` of samples (lists of unbatched view dicts), collated in chunks.
-BatchesLike = Union[ViewsLike, Iterable[ViewsLike], "torch.utils.data.Dataset"]
+BatchesLike = Union[ViewsLike, Iterable, "torch.utils.data.Dataset"]  # an iterable's batches are checked as read
 
 
 def is_views(obj: Any) -> bool:

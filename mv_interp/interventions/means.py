@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..data.views import BatchesLike
+from ..data.views import BatchesLike, is_views
 from ..errors import UnknownNameError
 from ..io import atomic_write
 from ..types import ModelLike, as_module
@@ -91,11 +91,7 @@ class MeanActivations(Mapping):
 
 def _batches(inputs: BatchesLike) -> Iterable[Sequence[Any]]:
     """One batch (a sequence of views) or an iterable of batches → iterable of batches."""
-    if isinstance(inputs, (list, tuple)) and inputs and (
-        isinstance(inputs[0], Tensor) or (isinstance(inputs[0], Mapping) and "img" in inputs[0])
-    ):
-        return [inputs]
-    return inputs
+    return [inputs] if is_views(inputs) else inputs
 
 
 def compute_means(model: ModelLike, inputs: BatchesLike, hooks: Sequence[str] | str, *, per_position: bool = True,

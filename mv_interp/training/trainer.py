@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ..adapters.base import ConfigMixin, get_adapter
+from ..data.views import ViewsLike, as_views
 from ..io import atomic_write
 from ..resume import check_identity
 from ..types import ModelLike, as_module
@@ -151,7 +152,7 @@ def validation_views(n_pairs: int, scene_cfg: Any, device: torch.device | str = 
 
 
 @torch.no_grad()
-def evaluate(model: ModelLike, views: list[dict[str, Tensor]], batch: int = 32) -> dict[str, float]:
+def evaluate(model: ModelLike, views: ViewsLike, batch: int = 32) -> dict[str, float]:
     """Validation metrics of a 2-view model on rendered pairs (means over pairs; rotation: median).
 
     ``err_v1``/``err_v2``: scale–shift-invariant pointmap error (E.1) of each view;
@@ -164,10 +165,10 @@ def evaluate(model: ModelLike, views: list[dict[str, Tensor]], batch: int = 32) 
     module = as_module(model)
     module.eval()
     device = next(module.parameters()).device
-    n = views[0]["img"].shape[0]
     acc: dict[str, list[Tensor]] = {}
-    for s in range(0, n, batch):
-        vb = [{k: t[s : s + batch].to(device) for k, t in v.items()} for v in views]
+    views = as_views(views, "views").validate(need=("img", "pts3d", "valid", "depth", "intrinsics", "cam2world"))
+    for vb in views.batches(batch):
+        vb = vb.to(device)
         out = module(vb[0]["img"], vb[1]["img"])
         pred = [o["pts3d"].float() for o in out]
         gt = [v["pts3d"] for v in vb]
@@ -187,7 +188,7 @@ def evaluate(model: ModelLike, views: list[dict[str, Tensor]], batch: int = 32) 
     for k in ("rot_err_deg", "baseline_rot_err_deg"):
         res[k.replace("_deg", "_median_deg")] = float(torch.cat(acc[k]).nanmedian())
     res["err_v2_over_baseline"] = res["err_v2"] / max(res["baseline_err_v2"], 1e-12)
-    res["pairs"] = n
+    res["pairs"] = views.batch_size
     return res
 
 
