@@ -212,23 +212,34 @@ def test_patching_one_frame_across_runs(tiny_vggt):
     torch.testing.assert_close(got, want)
 
 
-@pytest.mark.slow
-def test_report_fast_on_a_vggt_checkpoint(tmp_path):
-    """``mv-interp report --fast --model DIR`` on a VGGT saved in mv_interp's HF layout (112 x 112
-    frames: the synthetic renderer's sizes are multiples of 16)."""
+def test_report_fast_on_a_vggt_checkpoint_with_three_views(tmp_path):
+    """``mv-interp report --fast --views 3 --model DIR`` on a VGGT saved in mv_interp's HF layout
+    (112 x 112 frames: the synthetic renderer's sizes are multiples of 16): every step runs on
+    examples of three frames — probes at the sites of all three, head scores across frames, the
+    knockout, patching with frames 2 and 3 corrupted, and a 4D view of the three frames."""
     from mv_interp.cli import main
 
     torch.manual_seed(0)
     model = HookedVGGT(VGGTConfig(**{**TINY, "img_size": 112}))
-    mv_interp.loading.save_pretrained(model, tmp_path / "vggt")
+    mv_interp.hub.save_pretrained(model, tmp_path / "vggt")
     rc = main(["report", "--fast", "--model", str(tmp_path / "vggt"), "--out", str(tmp_path / "out"), "--quiet",
-               "--pairs", "4", "--probe-steps", "2", "--no-control", "--batch-size", "2"])
+               "--views", "3", "--pairs", "4", "--probe-steps", "2", "--no-control", "--batch-size", "2",
+               "--bootstrap", "100"])
     assert rc == 0
-    html = (tmp_path / "out" / "report.html").read_text()
+    out = tmp_path / "out"
+    html = (out / "report.html").read_text()
     assert "global1.self" in html and "vggt" in html
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["model"] == "vggt"
     assert set(summary["steps"]) == {"probes", "evaluate", "heads", "knockout", "patching", "views"}
+    probes = json.loads((out / "probes" / "model" / "probes.json").read_text())
+    assert {s["view"] for s in probes["sites"]} == {1, 2, 3}  # probes read every frame's sites
+    assert sorted(p.name for p in (out / "views").glob("pair_easy_view*.png")) == [
+        f"pair_easy_view{v}.png" for v in (1, 2, 3)]
+    viewer = json.loads((out / "views" / "viewer_easy_lens.json").read_text())
+    assert len(viewer["frames"][0]["views"]) == 3
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["steps"]["patching"]["info"]["corrupted_view2_from"]  # frames 2..N of another scene
 
 
 def test_vggt_tour_example(tmp_path):

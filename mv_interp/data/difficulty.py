@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from ..metrics import rotation_angle
@@ -28,17 +29,26 @@ GEOMETRY = ("depth", "valid", "intrinsics", "cam2world")
 
 
 def pair_stats(views: Sequence[dict[str, Tensor]], batch_size: int = 8) -> list[dict[str, Any]]:
-    """Per pair of views 1 and 2: ``{"index", "overlap", "rotation_deg"}`` (NaN without geometry)."""
+    """Per example: ``{"index", "overlap", "rotation_deg"}`` (NaN without geometry).
+
+    For a pair, ``overlap`` is the share of view 2's valid pixels seen in view 1 and
+    ``rotation_deg`` the relative rotation of the two cameras. For N views each other view is
+    compared with view 1 (the reference frame): ``overlap`` is the mean over views 2…N and
+    ``rotation_deg`` the largest rotation, so the hardest view decides.
+    """
     views = Views(views)
     stats: list[dict[str, Any]] = []
     for chunk in views.batches(batch_size):
-        v1, v2 = chunk[0], chunk[1]
-        if not all(k in v for v in (v1, v2) for k in GEOMETRY):
+        v1, others = chunk[0], list(chunk[1:])
+        if not all(k in v for v in (v1, *others) for k in GEOMETRY):
             stats += [{"overlap": math.nan, "rotation_deg": math.nan} for _ in range(chunk.batch_size)]
             continue
-        _, ok = pixel_correspondences(v2, v1)
-        overlap = ok.flatten(1).float().sum(1) / v2["valid"].flatten(1).float().sum(1).clamp_min(1)
-        rot = rotation_angle(v1["cam2world"][:, :3, :3], v2["cam2world"][:, :3, :3])
+        overlaps, rots = [], []
+        for v in others:
+            _, ok = pixel_correspondences(v, v1)
+            overlaps.append(ok.flatten(1).float().sum(1) / v["valid"].flatten(1).float().sum(1).clamp_min(1))
+            rots.append(rotation_angle(v1["cam2world"][:, :3, :3], v["cam2world"][:, :3, :3]))
+        overlap, rot = torch.stack(overlaps).mean(0), torch.stack(rots).amax(0)
         stats += [{"overlap": float(o), "rotation_deg": float(r)} for o, r in zip(overlap.cpu(), rot.cpu())]
     for i, s in enumerate(stats):
         s["index"] = i

@@ -80,17 +80,17 @@ class Pairs:
         return Views(self.views).slice(i, i + 1)
 
 
-class _FirstTwoViews(torch.utils.data.Dataset):
-    """Samples of a dataset cut to their first two views (the report analyses pairs)."""
+class _FirstViews(torch.utils.data.Dataset):
+    """Samples of a dataset cut to their first ``n_views`` views (the report's examples)."""
 
-    def __init__(self, dataset: Any, indices: Sequence[int]):
-        self.dataset, self.indices = dataset, list(indices)
+    def __init__(self, dataset: Any, indices: Sequence[int], n_views: int = 2):
+        self.dataset, self.indices, self.n_views = dataset, list(indices), n_views
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int):
-        return list(self.dataset[self.indices[i]])[:2]
+        return list(self.dataset[self.indices[i]])[: self.n_views]
 
 
 def prepare_pairs(model: ModelLike, cfg: ReportConfig, data: str | os.PathLike | None = None,
@@ -100,9 +100,10 @@ def prepare_pairs(model: ModelLike, cfg: ReportConfig, data: str | os.PathLike |
     Synthetic (``data=None``): held-out scenes ``EVAL_SEED … EVAL_SEED + pairs − 1`` at the model's
     input size; probes train on scenes from ``cfg.seed`` (rendered on the fly, or a pool of
     ``cfg.train_pool``). A capture directory: its last ``pairs`` tuples (at most half of them) are
-    held out, the others train the probes; images are cropped to the model's input size.
+    held out, the others train the probes; images are cropped to the model's input size. Every
+    example has ``cfg.views`` views (a capture's tuples are cut to their first ``cfg.views``).
     """
-    from ..data import SceneConfig, collate_views, render_views
+    from ..data import SceneConfig, SyntheticSource, collate_views, render_views
     from ..probes.data import EVAL_SEED
 
     module = as_module(model)
@@ -110,13 +111,15 @@ def prepare_pairs(model: ModelLike, cfg: ReportConfig, data: str | os.PathLike |
     H, W = tuple(module.config.img_size)
     bs = cfg.batch_size
     if data is None:
-        scene = SceneConfig(image_size=(H, W))
+        scene = SceneConfig(image_size=(H, W), n_views=cfg.views)
         chunks = [render_views(min(bs, cfg.pairs - s), scene, seed=EVAL_SEED + s, device=device)
                   for s in _tqdm(range(0, cfg.pairs, bs), progress, desc="held-out pairs", unit="batch")]
         views = Views.concat(chunks)
         describe = {"source": "synthetic", "eval_seed": EVAL_SEED, "pairs": cfg.pairs, "scene": scene.to_dict(),
                     "train_seed": cfg.seed, "train_pool": cfg.train_pool}
-        train: Any = None
+        # pairs: None, train_probes' own default (fresh synthetic pairs from cfg.seed); N views: the same
+        # rooms seen from N cameras
+        train: Any = None if cfg.views == 2 else SyntheticSource((H, W), seed=cfg.seed, scene=scene)
         if cfg.train_pool:
             train = _LazyPool(cfg.train_pool, scene, cfg.seed, bs, progress)
     else:
@@ -136,26 +139,33 @@ def prepare_pairs(model: ModelLike, cfg: ReportConfig, data: str | os.PathLike |
             raise ValueError(f"--data {root}: {n} tuples leave {n_eval} held-out pair(s); the report needs at least "
                              "2 (an easy and a hard one) — add tuples to the capture")
         held = list(range(n - n_eval, n))
-        samples = [list(ds[i])[:2] for i in _tqdm(held, progress, desc="held-out pairs", unit="pair")]
+        short = sorted({len(ds[i]) for i in (0, n - 1)} - set(range(cfg.views, 10**6)))
+        if short:
+            raise ValueError(f"--data {root}: its tuples have {short[0]} view(s); --views {cfg.views} needs at least "
+                             f"{cfg.views} (give --views {short[0]}, or a capture with more views per tuple)")
+        samples = [list(ds[i])[: cfg.views] for i in _tqdm(held, progress, desc="held-out pairs", unit="pair")]
         views = [{k: v.to(device) for k, v in view.items()} for view in collate_views(samples)]
-        train = _FirstTwoViews(ds, range(n - n_eval))
+        train = _FirstViews(ds, range(n - n_eval), cfg.views)
         index = root / "index.json"
         describe = {"source": "capture", "path": str(root.resolve()), "tuples": n, "held_out": n_eval,
                     "index_mtime": index.stat().st_mtime if index.is_file() else None, "size": max(H, W),
-                    "train_seed": cfg.seed}
+                    "train_seed": cfg.seed, **({"views": cfg.views} if cfg.views != 2 else {})}
     stats = pair_stats(views, bs)
     return Pairs(views, train, describe, stats, pick_indices(stats, by=("overlap", "rotation")))
 
 
-def image_pairs(model: ModelLike, images: Sequence[str | os.PathLike]) -> Pairs:
-    """Plain photos as pairs (``a b [c d …]``: consecutive files pair up), no ground truth: views
-    ``{"img"}`` at the model's input size (scaled to its long side, centre-cropped). The first
-    pair is the example shown everywhere (the second pair, if any, is the "hard" one)."""
+def image_pairs(model: ModelLike, images: Sequence[str | os.PathLike], n_views: int = 2) -> Pairs:
+    """Plain photos as examples of ``n_views`` views (``a b [c d …]``: consecutive files group up),
+    no ground truth: views ``{"img"}`` at the model's input size (scaled to its long side,
+    centre-cropped). The first example is the one shown everywhere (the second, if any, is the
+    "hard" one)."""
     from ..images import center_crop, load_images
 
     paths = [Path(p) for p in images]
-    if len(paths) < 2 or len(paths) % 2:
-        raise ValueError(f"--images: got {len(paths)} file(s); give pairs of images (a.png b.png [c.png d.png …])")
+    if len(paths) < n_views or len(paths) % n_views:
+        what = "pairs of images (a.png b.png [c.png d.png …])" if n_views == 2 else \
+            f"groups of {n_views} images (--views {n_views})"
+        raise ValueError(f"--images: got {len(paths)} file(s); give {what}")
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"--images: no such file(s) {missing}")
@@ -164,13 +174,13 @@ def image_pairs(model: ModelLike, images: Sequence[str | os.PathLike]) -> Pairs:
     imgs = load_images(paths, size=max(H, W), square_ok=H == W, patch=module.patch_size)
     h, w = min(H, imgs.shape[-2]), min(W, imgs.shape[-1])
     imgs = center_crop(imgs, h, w).to(module.device)
-    views = [{"img": imgs[v::2].contiguous()} for v in range(2)]
-    n = len(paths) // 2
-    stats = [{"overlap": math.nan, "rotation_deg": math.nan, "index": i, "files": [paths[2 * i].name,
-                                                                                  paths[2 * i + 1].name]}
-             for i in range(n)]
+    views = [{"img": imgs[v::n_views].contiguous()} for v in range(n_views)]
+    n = len(paths) // n_views
+    stats = [{"overlap": math.nan, "rotation_deg": math.nan, "index": i,
+              "files": [p.name for p in paths[n_views * i: n_views * (i + 1)]]} for i in range(n)]
     describe = {"source": "images", "files": [str(p.resolve()) for p in paths],
-                "mtimes": [p.stat().st_mtime for p in paths], "size": [h, w]}
+                "mtimes": [p.stat().st_mtime for p in paths], "size": [h, w],
+                **({"views": n_views} if n_views != 2 else {})}
     return Pairs(views, None, describe, stats, {"easy": 0, "hard": 1} if n > 1 else {"easy": 0})
 
 

@@ -27,7 +27,13 @@ class ReportConfig(ConfigMixin):
 
     pairs: int = 64
     """Held-out pairs every measurement uses: probe evaluation, head scores, the knockout
-    (synthetic scenes from :data:`mv_interp.probes.EVAL_SEED`, or the last tuples of ``--data``)."""
+    (synthetic scenes from :data:`mv_interp.probes.EVAL_SEED`, or the last tuples of ``--data``).
+    With ``views`` > 2 each "pair" is an example of that many views."""
+    views: int = 2
+    """Views per example. 2 for the pair models (DUSt3R, MASt3R); a many-view model (Fast3R, VGGT)
+    takes any number, and every step runs on examples of this many views: probes at every view's
+    sites, head scores across all frames, knockout and patching (views 2…N corrupted), the 4D view
+    of all N views. View 1 is the reference frame throughout."""
     probe_steps: int = 300
     """Optimiser steps of the probes (one frozen backbone pass each; about 1 s per step for
     dust3r-toy on a 2-core CPU, where the loss has levelled off)."""
@@ -90,6 +96,8 @@ class ReportConfig(ConfigMixin):
         for name in ("pairs", "probe_steps", "batch_size", "probe_width", "probe_layers", "knockout_k", "max_points"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"ReportConfig.{name}={getattr(self, name)} must be >= 1")
+        if self.views < 2:
+            raise ValueError(f"ReportConfig.views={self.views}: an example needs at least 2 views")
         if self.pairs < 2:
             raise ValueError(f"ReportConfig.pairs={self.pairs}: need at least 2 pairs (an easy and a hard one)")
         if self.patch_pairs < 1 or self.patch_pairs > self.pairs:

@@ -194,8 +194,10 @@ def run_report(model: ModelLike | str | os.PathLike = "dust3r-toy", config: Repo
 
         fast = enable_compile(module)
         log("compiled fast path on: hook-free forwards run through torch.compile (first calls compile)")
-    if (module.fixed_n_views or 2) != 2:
-        raise ValueError(f"{type(module).__name__} takes {module.fixed_n_views} views; the report analyses pairs")
+    if module.fixed_n_views is not None and module.fixed_n_views != cfg.views:
+        raise ValueError(f"{type(module).__name__} takes {module.fixed_n_views} views per example; the report was "
+                         f"asked for --views {cfg.views} (use --views {module.fixed_n_views}, or a many-view model: "
+                         "Fast3R, VGGT)")
     from ..adapters.base import adapter_for_model
 
     model_id = {"family": adapter_for_model(module).name, "config": module.config.to_dict(),
@@ -206,12 +208,14 @@ def run_report(model: ModelLike | str | os.PathLike = "dust3r-toy", config: Repo
     if images is not None:
         if data is not None:
             raise ValueError("give --data (a capture with ground truth) or --images (plain photos), not both")
-        log(f"loading {len(images)} image(s) as {len(images) // 2} pair(s)")
-        pairs = A.image_pairs(model, images)
+        log(f"loading {len(images)} image(s) as {len(images) // cfg.views} "
+            + ("pair(s)" if cfg.views == 2 else f"example(s) of {cfg.views} views"))
+        pairs = A.image_pairs(model, images, cfg.views)
     else:
         if probes is not None:
             raise ValueError("--probes applies trained probes to plain photos; use it with --images")
-        log(f"preparing {cfg.pairs} held-out pairs" + (f" from {data}" if data else " (synthetic rooms)"))
+        log(f"preparing {cfg.pairs} held-out " + ("pairs" if cfg.views == 2 else f"examples of {cfg.views} views")
+            + (f" from {data}" if data else " (synthetic rooms)"))
         pairs = A.prepare_pairs(model, cfg, data, progress)
         ex = {k: pairs.stats[i] for k, i in pairs.examples.items()}
         log("  example pairs: " + ", ".join(f"{k} #{s['index']} (overlap {s['overlap']:.0%}, rotation "
