@@ -245,7 +245,7 @@ def main() -> None:
         model_mib = {r["model"]: r["model_mib"] for r in raw if "model_mib" in r}
         dev = (f" GPU {torch.cuda.get_device_name(0)}, {cap / 1024:.1f} GiB (`total_memory`); the loaded models "
                + ", ".join(f"{k} {v / 1024:.2f} GiB" for k, v in model_mib.items())
-               + " (counted in *max peak / GPU*, not in the MiB columns).")
+               + " (counted in *max peak / GPU*, the largest peak of the modes that ran, not in the MiB columns).")
     body = (
         f"One trunk forward (Fast3R encoder + decoder, VGGT aggregator; no heads) at batch {args.batch}, width {args.width}, Fast3R {args.fast3r_size[0]}x"
         f"{args.fast3r_size[1]}, VGGT {args.vggt_size[0]}x{args.vggt_size[1]}, {args.device}, {dtype_name}.{dev}"
