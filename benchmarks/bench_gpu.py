@@ -61,6 +61,23 @@ from mv_interp.model import enable_compile  # noqa: E402
 
 SECTIONS = ("ceiling", "forward", "capture", "probes", "report", "fast3r")
 SCALING = HERE / "gpu_scaling.json"
+
+HEADERS = {
+    "ceiling": ["what", "size", "time", "rate", "of ceiling"],
+    "forward": ["variant", "batch", "ms", "pairs/s", "of ceiling", "first call s"],
+    "capture": ["path", "what", "batch", "ms", "vs bare forward"],
+    "probes": ["ranks", "sites", "kinds", "pairs/step", "ms/step", "pairs/s", "probe share", "amp"],
+    "report": ["step", "timed s", "scale", "full preset s"],
+    "fast3r": ["views", "ms", "views/s", "GFLOP / forward", "of ceiling"],
+}
+
+
+def headers_of(name: str, rows: list[list]) -> list[str]:
+    """A section's table headers (the probes table gains a scaling column in distributed runs)."""
+    extra = ["scaling efficiency"] if name == "probes" and any(len(r) > 8 for r in rows) else []
+    return HEADERS[name] + extra
+
+
 SMOKE_DUST3R = DUSt3RConfig(img_size=(32, 48), enc_embed_dim=32, enc_depth=2, enc_num_heads=2, dec_embed_dim=32,
                             dec_depth=2, dec_num_heads=2)
 
@@ -358,21 +375,13 @@ def main(argv: list[str] | None = None) -> dict[str, list[list]]:
             tables[name] = report(args, device, model)
         elif name == "fast3r":
             tables[name] = fast3r(args, device, ceil)
-        if D.is_main():
-            print(f"[{name}: {time.perf_counter() - t0:.1f} s]", flush=True)
-    headers = {
-        "ceiling": ["what", "size", "time", "rate", "of ceiling"],
-        "forward": ["variant", "batch", "ms", "pairs/s", "of ceiling", "first call s"],
-        "capture": ["path", "what", "batch", "ms", "vs bare forward"],
-        "probes": ["ranks", "sites", "kinds", "pairs/step", "ms/step", "pairs/s", "probe share", "amp"]
-                  + (["scaling efficiency"] if any(len(r) > 8 for r in tables.get("probes", [])) else []),
-        "report": ["step", "timed s", "scale", "full preset s"],
-        "fast3r": ["views", "ms", "views/s", "GFLOP / forward", "of ceiling"],
-    }
+        if D.is_main():  # each table as soon as it exists: a call cut off at its limit keeps what ran
+            print(f"[{name}: {time.perf_counter() - t0:.1f} s]\n{markdown_table(headers_of(name, tables[name]), tables[name])}",
+                  flush=True)
     if D.is_main():
         text = []
         for name, rows in tables.items():
-            table = markdown_table(headers[name], rows)
+            table = markdown_table(headers_of(name, rows), rows)
             print(f"\n### {name}\n{table}")
             text.append(f"### {name}\n\n{table}")
         if not args.no_record and (not s or args.record):

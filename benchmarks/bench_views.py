@@ -14,7 +14,13 @@ camera heads run per view and hold no attention over views) three ways:
 
 Each measurement runs in a fresh subprocess: time is the median of ``--repeats`` forwards after a warm-up,
 memory the peak over the loaded model and inputs (CUDA: ``max_memory_allocated``; CPU: peak RSS).
-Random weights (the cost does not depend on them).
+A measurement that runs out of memory is recorded as ``OOM`` (CUDA ``OutOfMemoryError``, or the process
+killed), one that outlasts ``--timeout`` as ``timeout``, any other failure as ``error`` (its last line
+printed); the run goes on either way. Random weights (the cost does not depend on them).
+
+``--width full``: Fast3R as released (``Fast3R_ViT_Large_512``: CroCo ViT-L encoder 1024 / 24 layers /
+16 heads, fast3r decoder 1024 / 24 layers / 16 heads, 512 px), VGGT-1B (``VGGTConfig()`` defaults, 518 px;
+tracking head off, which the aggregator does not use).
 
     python benchmarks/bench_views.py                                  # CPU, small widths (recorded)
     python benchmarks/bench_views.py --device cuda --width full --fast3r-size 512 512 --vggt-size 518 518
@@ -46,8 +52,8 @@ def build(name: str, width: str, size: tuple[int, int]):
     if name == "fast3r":
         from mv_interp.adapters.fast3r import Fast3RConfig, HookedFast3R
 
-        dims = (dict(enc_embed_dim=1024, enc_depth=24, enc_num_heads=16, dec_embed_dim=768, dec_depth=12,
-                     dec_num_heads=12) if width == "full" else
+        dims = (dict(enc_embed_dim=1024, enc_depth=24, enc_num_heads=16, dec_embed_dim=1024, dec_depth=24,
+                     dec_num_heads=16) if width == "full" else
                 dict(enc_embed_dim=64, enc_depth=2, enc_num_heads=2, dec_embed_dim=96, dec_depth=4, dec_num_heads=3))
         model = HookedFast3R(Fast3RConfig(img_size=size, **dims))
     else:
@@ -68,15 +74,20 @@ def one(args: argparse.Namespace) -> dict:
 
     torch.manual_seed(0)
     size = tuple(args.fast3r_size if args.model == "fast3r" else args.vggt_size)
-    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    model, sites = build(args.model, args.width, size)
+    dtype = getattr(torch, args.dtype) if args.dtype else (
+        torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+    try:  # initialise the random weights on the device (a 1B model's init on the CPU costs seconds per process)
+        with torch.device(args.device):
+            model, sites = build(args.model, args.width, size)
+    except (RuntimeError, TypeError):
+        model, sites = build(args.model, args.width, size)
     model = model.to(args.device, dtype)
-    views = model.example_inputs(args.batch, size, n_views=args.n)
+    views = tuple(v.to(dtype) for v in model.example_inputs(args.batch, size, n_views=args.n))
     n_tok = None
     sink = []
 
     def consume(_hook: str, pattern: torch.Tensor) -> None:  # what a scorer does: reduce, then drop
-        sink.append(float(pattern.float().amax()))
+        sink.append(float(pattern.amax()))  # in the pattern's dtype: no fp32 copy of a [head, T, T] block
 
     if args.mode == "full":
         hooks = [(s.pattern_hook, lambda x, hook: consume(hook.name, x)) for s in sites]
@@ -110,6 +121,7 @@ def one(args: argparse.Namespace) -> dict:
         if cuda:
             torch.cuda.synchronize()
 
+    total = torch.cuda.get_device_properties(args.device).total_memory if cuda else 0
     if cuda:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -125,11 +137,47 @@ def one(args: argparse.Namespace) -> dict:
             forward()
             times.append(time.perf_counter() - t0)
         seconds = sorted(times)[len(times) // 2]
-    except torch.OutOfMemoryError:
-        return {"seconds": math.nan, "mib": math.nan, "oom": True}
+    except torch.OutOfMemoryError as e:
+        return {"seconds": math.nan, "mib": math.nan, "oom": True, "error": str(e).splitlines()[0][:200]}
+    except RuntimeError as e:  # cuBLAS / cuDNN allocation failures surface as RuntimeError
+        if "out of memory" not in str(e).lower() and "alloc" not in str(e).lower():
+            raise
+        return {"seconds": math.nan, "mib": math.nan, "oom": True, "error": str(e).splitlines()[0][:200]}
     P = views[0].shape[-2] // model.patch_size * (views[0].shape[-1] // model.patch_size) + sites[0].n_prefix
-    return {"seconds": seconds, "mib": max(0, peak - base) / 2**20, "tokens": args.n * P,
+    return {"seconds": seconds, "mib": max(0, peak - base) / 2**20, "model_mib": base / 2**20,
+            "peak_total_mib": peak / 2**20, "device_mib": total / 2**20, "tokens": args.n * P,
             "heads": sites[0].n_heads, "layers": len(sites), "oom": False}
+
+
+def run_one(args: argparse.Namespace, name: str, n: int, mode: str) -> dict:
+    """One measurement in a fresh process; a failure becomes a result (OOM / timeout / error), never a crash."""
+    cmd = [sys.executable, __file__, "--one", name, str(n), mode, "--device", args.device,
+           "--width", args.width, "--queries", str(args.queries), "--batch", str(args.batch),
+           "--repeats", str(args.repeats), "--fast3r-size", *map(str, args.fast3r_size),
+           "--vggt-size", *map(str, args.vggt_size)] + (["--dtype", args.dtype] if args.dtype else [])
+    t0 = time.perf_counter()
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"seconds": math.nan, "mib": math.nan, "status": "timeout", "wall": time.perf_counter() - t0}
+    wall = time.perf_counter() - t0
+    err = done.stderr.strip().splitlines()
+    if done.returncode == 0:
+        try:
+            res = json.loads(done.stdout.strip().splitlines()[-1])
+        except (IndexError, json.JSONDecodeError):
+            res = {"seconds": math.nan, "mib": math.nan, "status": "error", "error": (err or ["no output"])[-1]}
+        res.setdefault("status", "OOM" if res.get("oom") else "ok")
+    else:
+        text = done.stderr.lower()
+        # -9 / 137: the kernel's OOM killer (host memory); otherwise only an allocation failure counts as OOM
+        oom = done.returncode in (-9, 137) or "out of memory" in text or "outofmemoryerror" in text
+        res = {"seconds": math.nan, "mib": math.nan, "status": "OOM" if oom else "error",
+               "error": (err or [f"exit {done.returncode}"])[-1][:300]}
+        if not oom:
+            print(f"# {name} {n} {mode}: error (exit {done.returncode}):\n" + "\n".join(err[-15:]), flush=True)
+    res["wall"] = wall
+    return res
 
 
 def main() -> None:
@@ -144,6 +192,10 @@ def main() -> None:
     p.add_argument("--queries", type=int, default=256, help="sampled query rows per global attention")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--timeout", type=float, default=300, help="seconds one measurement (one process) may take")
+    p.add_argument("--json", type=Path, default=None, help="also write every measurement here, after each one")
     p.add_argument("--no-record", action="store_true", help="print only; do not write benchmarks/RESULTS.md")
     p.add_argument("--one", nargs=3, metavar=("MODEL", "VIEWS", "MODE"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -152,45 +204,60 @@ def main() -> None:
         print(json.dumps(one(args)))
         return
 
-    rows = []
+    rows, raw = [], []
+    cuda_run = args.device.startswith("cuda")
+    dtype_name = args.dtype or ("bfloat16" if cuda_run else "float32")
     for name in args.models:
         for n in args.views:
             res = {}
             for mode in MODES:
-                cmd = [sys.executable, __file__, "--one", name, str(n), mode, "--device", args.device,
-                       "--width", args.width, "--queries", str(args.queries), "--batch", str(args.batch),
-                       "--repeats", str(args.repeats), "--fast3r-size", *map(str, args.fast3r_size),
-                       "--vggt-size", *map(str, args.vggt_size)]
-                done = subprocess.run(cmd, capture_output=True, text=True)
-                if done.returncode:
-                    # killed for memory (or another failure): record it, keep going
-                    res[mode] = {"seconds": math.nan, "mib": math.nan, "oom": True,
-                                 "error": (done.stderr.strip().splitlines() or ["killed"])[-1]}
-                else:
-                    res[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+                res[mode] = run_one(args, name, n, mode)
+                print(f"# {name} {n} {mode}: {json.dumps(res[mode])}", flush=True)
+                raw.append({"model": name, "views": n, "mode": mode, **res[mode]})
+                if args.json:
+                    args.json.write_text(json.dumps(raw, indent=1))
             meta = next((r for r in res.values() if "tokens" in r), {})
+            device_mib = max((r.get("device_mib", 0) for r in res.values()), default=0)
             tokens, heads, layers = meta.get("tokens", 0), meta.get("heads", 0), meta.get("layers", 0)
-            # one full pattern vs one sampled block, fp32 (what the softmax materialises per layer)
-            full_mib = args.batch * heads * tokens * tokens * 4 / 2**20
+            # one full pattern (model dtype: the explicit softmax's output) vs one sampled block (fp32)
+            full_mib = args.batch * heads * tokens * tokens * getattr(torch, dtype_name).itemsize / 2**20
             samp_mib = args.batch * heads * min(args.queries, tokens) * tokens * 4 / 2**20
+            if not tokens:  # every mode failed: the token count from the geometry
+                side = args.fast3r_size if name == "fast3r" else args.vggt_size
+                p = 16 if name == "fast3r" else 14
+                tokens = n * ((side[0] // p) * (side[1] // p) + (0 if name == "fast3r" else 5))
             row = [name, n, tokens, layers]
             for mode in MODES:
                 r = res[mode]
-                row += ["OOM" if r.get("oom") else r["seconds"], "OOM" if r.get("oom") else r["mib"]]
+                ok = r["status"] == "ok"
+                row += [r["seconds"] if ok else r["status"], r["mib"] if ok else r["status"]]
             row += [full_mib, samp_mib]
+            if cuda_run:  # the largest peak of the row (model included) against the card's memory
+                peaks = [r["peak_total_mib"] for r in res.values() if r["status"] == "ok"]
+                row += [f"{100 * max(peaks) / device_mib:.1f}%" if peaks and device_mib else "-"]
             rows.append(row)
             print(row, flush=True)
     headers = ["model", "views", "tokens", "global layers", "full s", "full MiB", "sampled s", "sampled MiB",
-               "none s", "none MiB", "one pattern MiB", "one sampled MiB"]
+               "none s", "none MiB", "one pattern MiB", "one sampled MiB"] + (["max peak / GPU"] if cuda_run else [])
+    dev = ""
+    if cuda_run:
+        cap = max((r.get("device_mib", 0) for r in raw), default=0)
+        model_mib = {r["model"]: r["model_mib"] for r in raw if "model_mib" in r}
+        dev = (f" GPU {torch.cuda.get_device_name(0)}, {cap / 1024:.1f} GiB (`total_memory`); the loaded models "
+               + ", ".join(f"{k} {v / 1024:.2f} GiB" for k, v in model_mib.items())
+               + " (counted in *max peak / GPU*, the largest peak of the modes that ran, not in the MiB columns).")
     body = (
         f"One trunk forward (Fast3R encoder + decoder, VGGT aggregator; no heads) at batch {args.batch}, width {args.width}, Fast3R {args.fast3r_size[0]}x"
-        f"{args.fast3r_size[1]}, VGGT {args.vggt_size[0]}x{args.vggt_size[1]}, {args.device}. *full*: every global "
+        f"{args.fast3r_size[1]}, VGGT {args.vggt_size[0]}x{args.vggt_size[1]}, {args.device}, {dtype_name}.{dev}"
+        + (" Full width: Fast3R as released (ViT-L encoder 1024/24/16, decoder 1024/24/16), VGGT-1B (`VGGTConfig()`)."
+           if args.width == "full" else "") + f" *full*: every global "
         f"attention pattern read by a hook (explicit softmax, one pattern alive at a time); *sampled*: "
         f"{args.queries} query rows of each from q and k (`mv_interp.layers.QueryPatterns`, SDPA forward); "
         "*none*: no pattern read. s = median seconds per forward; MiB = peak memory over the loaded model "
         "(CPU: peak RSS of a fresh process, so allocator reuse blurs small differences; CUDA: "
-        "max_memory_allocated). *one pattern* / *one sampled*: size of one layer's fp32 pattern "
-        "`[batch, head, tokens, tokens]` / `[batch, head, queries, tokens]`.\n\n"
+        "max_memory_allocated). *one pattern* / *one sampled*: size of one layer's pattern "
+        f"`[batch, head, tokens, tokens]` ({dtype_name}) / `[batch, head, queries, tokens]` (fp32). *OOM*: out of device memory; "
+        f"*timeout*: over {args.timeout:g} s for one process.\n\n"
         + markdown_table(headers, rows))
     print(body)
     if not args.no_record:
