@@ -100,6 +100,32 @@ def test_header_shows_the_pairs_used():
     ctx = {"model": {"name": "m"}, "config": {"pairs": 8}, "pairs_used": 3, "data": {"source": "capture"},
            "environment": {}, "timings": {}}
     assert "3 held-out pairs" in header_chips(ctx)
+    ctx["config"]["views"] = 4
+    assert "3 held-out examples of 4 views" in " ".join(header_chips(ctx))
+
+
+def test_a_pair_model_refuses_other_view_counts(tmp_path, capsys):
+    """``--views 3`` on DUSt3R is one line naming the model's view count and the fix, before any work."""
+    assert main(["report", "--fast", "--views", "3", "--out", str(tmp_path / "o"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "takes 2 views" in err and "--views 2" in err and "VGGT" in err
+    assert not (tmp_path / "o" / "manifest.json").exists()
+    with pytest.raises(ValueError, match="at least 2 views"):
+        ReportConfig(views=1)
+
+
+def test_example_difficulty_of_many_views_is_judged_against_view_1():
+    """N views: the overlap is the mean over frames 2..N of each frame's overlap with frame 1 and the
+    rotation the largest, so the hardest frame decides (two views: the pair's own numbers)."""
+    from mv_interp.data import SceneConfig, render_views
+    from mv_interp.data.difficulty import pair_stats
+
+    views = render_views(3, SceneConfig(image_size=(64, 64), n_views=3), seed=5)
+    three = pair_stats(views)
+    first, second = pair_stats([views[0], views[1]]), pair_stats([views[0], views[2]])
+    for s, a, b in zip(three, first, second):
+        assert s["overlap"] == pytest.approx((a["overlap"] + b["overlap"]) / 2, abs=1e-6)
+        assert s["rotation_deg"] == pytest.approx(max(a["rotation_deg"], b["rotation_deg"]), abs=1e-4)
 
 
 def test_recorded_command_runs_when_pasted(report):

@@ -103,7 +103,8 @@ def prepare_pairs(model: ModelLike, cfg: ReportConfig, data: str | os.PathLike |
     held out, the others train the probes; images are cropped to the model's input size. Every
     example has ``cfg.views`` views (a capture's tuples are cut to their first ``cfg.views``).
     """
-    from ..data import SceneConfig, SyntheticSource, collate_views, render_views
+    from ..data import SceneConfig, collate_views, render_views
+    from ..data.sources import SyntheticSource
     from ..probes.data import EVAL_SEED
 
     module = as_module(model)

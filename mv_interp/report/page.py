@@ -793,8 +793,10 @@ def _run(ctx: dict, out: Path) -> str:
 def header_chips(ctx: dict) -> list[str]:
     """The header's facts: model, data, the number of pairs actually measured, device, time."""
     model = ctx["model"]
-    pairs = (f"{ctx.get('pairs_used')} photo pair(s), no ground truth" if ctx.get("photos") else
-             f"{ctx.get('pairs_used', ctx['config']['pairs'])} held-out pairs")
+    n_views = int(ctx["config"].get("views", 2))
+    unit = "pair(s)" if n_views == 2 else f"example(s) of {n_views} views (view 1 the reference frame)"
+    pairs = (f"{ctx.get('pairs_used')} photo {unit}, no ground truth" if ctx.get("photos") else
+             f"{ctx.get('pairs_used', ctx['config']['pairs'])} held-out {unit.replace('(s)', 's')}")
     return [f"model <b>{esc(model['name'])}</b> ({esc(model.get('family', ''))}, "
             f"{model.get('parameters', 0) / 1e6:.1f} M parameters, "
             f"input {esc('×'.join(map(str, model.get('img_size', []))))})",
