@@ -167,6 +167,32 @@ def test_plain_photos_need_no_ground_truth(tmp_path):
         run_report("dust3r-toy", FAST, tmp_path / "o2", images=paths[:1], progress=False, log=lambda s: None)
 
 
+def test_photos_with_probes_trained_on_synthetic_rooms(report, tmp_path):
+    """``--probes``: the report's own synthetic-trained probes read the user's pair too."""
+    from PIL import Image
+
+    import mv_interp
+    from mv_interp.images import to_image
+    from mv_interp.report import analysis as A
+
+    model = mv_interp.load_model("dust3r-toy")
+    H, W = model.module.config.img_size
+    paths = [tmp_path / f"p{i}.png" for i in (1, 2)]
+    for i, p in enumerate(paths):
+        Image.fromarray(to_image(torch_rand(3, H, W, seed=i))).save(p)
+    pairs = A.image_pairs(model, paths)
+    files, info = A.views_step(model, pairs, FAST, tmp_path / "out", False, report / "probes" / "model")
+    assert info["easy"]["methods"] == ["mlp", "lens"]
+    data = json.loads((tmp_path / "out" / "views" / "viewer_easy_mlp.json").read_text())
+    assert data["gt"] is None and len(data["frames"]) > 2 and data["title"].startswith("pair 1")
+
+
+def torch_rand(*shape, seed: int = 0):
+    import torch
+
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
 def test_lens_4d_on_views_without_valid(tmp_path):
     import torch
 

@@ -103,7 +103,7 @@ def prepare_pairs(model: ModelLike, cfg: ReportConfig, data: str | os.PathLike |
     held out, the others train the probes; images are cropped to the model's input size. Every
     example has ``cfg.views`` views (a capture's tuples are cut to their first ``cfg.views``).
     """
-    from ..data import SceneConfig, collate_views, render_views
+    from ..data import SceneConfig, collate_views
     from ..data.sources import SyntheticSource
     from ..probes.data import EVAL_SEED
 
@@ -113,7 +113,8 @@ def prepare_pairs(model: ModelLike, cfg: ReportConfig, data: str | os.PathLike |
     bs = cfg.batch_size
     if data is None:
         scene = SceneConfig(image_size=(H, W), n_views=cfg.views)
-        chunks = [render_views(min(bs, cfg.pairs - s), scene, seed=EVAL_SEED + s, device=device)
+        held_out = SyntheticSource((H, W), seed=EVAL_SEED, scene=scene)
+        chunks = [held_out.take(s, min(bs, cfg.pairs - s), device)
                   for s in _tqdm(range(0, cfg.pairs, bs), progress, desc="held-out pairs", unit="batch")]
         views = Views.concat(chunks)
         describe = {"source": "synthetic", "eval_seed": EVAL_SEED, "pairs": cfg.pairs, "scene": scene.to_dict(),
@@ -829,8 +830,9 @@ def views_step(model: ModelLike, pairs: Pairs, cfg: ReportConfig, out: Path, pro
         for v, img in enumerate(four.images, start=1):
             files.append(atomic_write(d / f"pair_{label}_view{v}.png",
                                       lambda p, img=img: Image.fromarray(img).save(p, format="PNG")))
+        name = f"pair {pairs.examples[label] + 1}" if pairs.describe.get("source") == "images" else f"{label} pair"
         for method in four.methods:
-            title = f"{label} pair · {'probes' if method == PROBE_KIND else 'pointmap lens'}"
+            title = f"{name} · {'probes' if method == PROBE_KIND else 'pointmap lens'}"
             data = four.viewer_data(method, title=title, max_points=cfg.max_points)
             files.append(write_json(d / f"viewer_{label}_{method}.json", data))
         if rerun:
