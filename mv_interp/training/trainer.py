@@ -127,11 +127,12 @@ def in_frame_of(views: list[dict[str, Tensor]], ref: int) -> list[dict[str, Tens
 
 def training_batch(cfg: TrainConfig, scene_cfg: Any, step: int, device: torch.device) -> list[dict[str, Tensor]]:
     """The batch of optimiser step ``step`` — a pure function of (config, step), so resuming is exact."""
-    from ..data import render_views
+    from ..data.sources import SyntheticSource
 
     n_scenes = cfg.batch_size // 2 if cfg.symmetrize else cfg.batch_size
-    views = render_views(n_scenes, scene_cfg, seed=cfg.seed * 100_000_000 + step * n_scenes, device=device,
-                         compile=cfg.compile_render)
+    source = SyntheticSource(scene_cfg.image_size, seed=cfg.seed * 100_000_000, scene=scene_cfg,
+                             compile=cfg.compile_render)
+    views = source.batch(step, n_scenes, device)
     views = [{k: views[v][k] for k in ("img", "pts3d", "pts3d_world", "valid", "cam2world", "depth", "intrinsics")}
              for v in range(2)]
     if not cfg.symmetrize:
@@ -141,9 +142,10 @@ def training_batch(cfg: TrainConfig, scene_cfg: Any, step: int, device: torch.de
 
 
 def validation_views(n_pairs: int, scene_cfg: Any, device: torch.device | str = "cpu", seed: int = VAL_SEED) -> list[dict]:
-    from ..data import render_views
+    """``n_pairs`` held-out scenes from ``seed`` (the same every run)."""
+    from ..data.sources import SyntheticSource
 
-    return render_views(n_pairs, scene_cfg, seed=seed, device=device)
+    return SyntheticSource(scene_cfg.image_size, seed=seed, scene=scene_cfg).take(0, n_pairs, device)
 
 
 # --------------------------------------------------------------------------------------
