@@ -360,6 +360,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[list]]:
 
     tables: dict[str, list[list]] = {}
     ceil, tables["ceiling"] = ceiling(args, device)
+    if D.is_main():
+        print(f"[ceiling]\n{markdown_table(HEADERS['ceiling'], tables['ceiling'])}", flush=True)
     model = dust3r(args, device) if set(args.sections) & {"forward", "capture", "probes", "report"} else None
     for name in args.sections:
         t0 = time.perf_counter()
