@@ -10,7 +10,7 @@ import pytest
 import torch
 from fixture_utils import assert_close, fixture, formula_state_dict
 from safetensors.torch import save_file
-from test_dust3r_parity import fixture_to_hook, output_value
+from test_dust3r_parity import check_croco_tensors
 
 import mv_interp
 from mv_interp.adapters.mast3r import HookedMASt3R, MASt3RConfig, mast3r_config_from_constructor
@@ -65,20 +65,8 @@ def test_config_from_json_equals_config_from_constructor(mast3r_fixture, mast3r_
 def test_every_fixture_tensor_matches(mast3r_fixture, mast3r_model, mast3r_run):
     meta, tensors = mast3r_fixture
     assert type(mast3r_model.module) is HookedMASt3R
-    batch = tensors["img1"].shape[0]
     out, cache = mast3r_run
-    checked = 0
-    for key, expected in tensors.items():
-        if key.startswith(("img", "true_shape")):
-            continue
-        if key.startswith("out."):
-            actual = output_value(out, key)
-        else:
-            hook, sl = fixture_to_hook(key, batch)
-            actual = cache[hook][sl]
-        assert_close(actual, expected, key)
-        checked += 1
-    assert checked == len(meta["keys"]) - 4
+    assert check_croco_tensors(tensors, out, cache) == len(meta["keys"]) - 4
     # the descriptor outputs are among them, and really unit-norm
     assert {"out.desc.1", "out.desc.2", "out.desc_conf.1", "out.desc_conf.2"} <= set(tensors)
     assert torch.allclose(out[1]["desc"].norm(dim=-1), torch.ones(()), atol=1e-5)
