@@ -26,7 +26,9 @@ against the N = 1 run.
 
 Compiling full-size DUSt3R takes a minute or more per variant and input shape, so the whole run
 may not fit a 10-minute call; split it then (each part records its own section):
-``--sections forward capture`` and ``--sections probes report fast3r``.
+``--sections forward capture`` and ``--sections probes report fast3r``; or bound it:
+``--no-compile`` skips the compiled variants (rows say *not run*), ``--batches 32`` times the
+forward at one batch only (one compile per compiled variant).
 
 ``--smoke`` shrinks every size (tiny models, batches 1/2, a few steps) so the script runs on a CPU
 in about a minute; its numbers only show that every section runs, and they are recorded
@@ -159,13 +161,14 @@ def forward(args, device, ceil: float, model) -> list[list]:
                         "hooked compiled": lambda: fast(*imgs), "stripped compiled": lambda: compiled_stripped(*imgs)}
             for name, fn in variants.items():
                 if "compiled" in name and not args.compile_variants:
-                    rows.append([name, batch, "–", "–", "–", "skipped (--smoke: compiling takes minutes on a CPU)"])
+                    rows.append([name, batch, "–", "–", "–", args.compile_skipped])
                     continue
                 first = first_call(fn, device) if "compiled" in name else float("nan")
                 t = timed(fn, device, args.repeats)
                 rate = batch / t
                 rows.append([name, batch, f"{t * 1e3:.1f}", f"{rate:.1f}", f"{100 * rate * flops / 1e12 / ceil:.1f} %",
                              f"{first:.1f}" if first == first else "–"])
+                _row(rows[-1])
     rows.append(["(FLOPs per pair)", "", "", "", f"{flops / 1e9:.4g} GFLOP", ""])
     return rows
 
@@ -196,9 +199,11 @@ def capture(args, device, model) -> list[list]:
                     lambda m=m: m.run_with_cache(*imgs, names_filter=resid),
             }
             rows.append([label, "bare forward", batch, f"{bare * 1e3:.1f}", "1.00×"])
+            _row(rows[-1])
             for name, fn in cases.items():
                 t = timed(fn, device, args.repeats, warmup=2)
                 rows.append([label, name, batch, f"{t * 1e3:.1f}", f"{t / bare:.2f}×"])
+                _row(rows[-1])
             if label == "eager":
                 def trace():
                     saved = []
@@ -213,7 +218,16 @@ def capture(args, device, model) -> list[list]:
                                  f"{t / bare:.2f}×"])
                 except Exception as exc:  # noqa: BLE001 - a row saying why beats a missing table
                     rows.append([label, f"nnsight trace failed: {type(exc).__name__}: {exc}"[:120], batch, "–", "–"])
+                _row(rows[-1])
+    if not args.compile_variants:
+        rows.append(["compiled", args.compile_skipped, batch, "–", "–"])
     return rows
+
+
+def _row(row: list) -> None:
+    """Print one finished row at once (a call cut off inside a slow section keeps its rows)."""
+    if D.is_main():
+        print("  row: | " + " | ".join(map(str, row)) + " |", flush=True)
 
 
 def _envoy(model, name: str):
@@ -333,6 +347,11 @@ def main(argv: list[str] | None = None) -> dict[str, list[list]]:
     ap.add_argument("--distributed", action="store_true", help="under torchrun: data-parallel probe training")
     ap.add_argument("--out", default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--smoke-compile", action="store_true", help="with --smoke: time the compiled variants too")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="skip the compiled variants of forward and capture (each compile of full-size DUSt3R takes "
+                         "a minute or more); their rows say 'not run'")
+    ap.add_argument("--batches", type=int, nargs="+", default=None,
+                    help="forward-section batch sizes (default 1 32 128; smoke: 1 2)")
     ap.add_argument("--record", action="store_true", help="write benchmarks/RESULTS.md even in smoke mode")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args(argv)
@@ -344,12 +363,14 @@ def main(argv: list[str] | None = None) -> dict[str, list[list]]:
         (torch.bfloat16 if args.amp == "bf16" else None)
     s = args.smoke
     args.repeats = args.repeats or (2 if s else 10)
-    args.batches = [1, 2] if s else [1, 32, 128]
+    args.batches = args.batches or ([1, 2] if s else [1, 32, 128])
     args.capture_batch = 2 if s else 32
     args.probe_batch = 2 * D.world_size() if s else 32 * D.world_size()
     args.probe_steps = 2 if s else 20
     args.views = [2, 3] if s else [2, 8, 32]
-    args.compile_variants = not s or args.smoke_compile
+    args.compile_variants = (not s or args.smoke_compile) and not args.no_compile
+    args.compile_skipped = ("not run (--no-compile)" if args.no_compile
+                            else "skipped (--smoke: compiling takes minutes on a CPU)")
     if args.report_fraction is None:
         args.report_fraction = 0.002 if s else 0.05
     if args.out is None:
