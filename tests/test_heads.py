@@ -532,3 +532,40 @@ def test_cli_reads_a_capture_directory(tmp_path, capsys):
     data = json.loads((out / "scores.json").read_text())
     assert data["n_pairs"] == data["n_pairs_with_geometry"] == 3
     assert {r["site"] for r in data["rows"]} == {"dec0.self.v1", "dec0.self.v2", "dec0.cross.v1", "dec0.cross.v2"}
+
+
+def test_many_view_figures_merge_view_pairs_and_keep_the_tables_whole():
+    """N views give N·(N−1) cross-view groups: the heatmap panels merge them into within / across
+    views (cell = mean over view pairs, a label where it holds in at least half), the per-group
+    figures keep the queries into view 1; a pair model's panels are its groups, unchanged."""
+    import math
+
+    from mv_interp.heads.result import figure_groups, group_title, panel_rows, rows_by_group
+
+    def rows(n_views):
+        out = []
+        for qv in range(1, n_views + 1):
+            for kv in range(1, n_views + 1):
+                for layer in (0, 1):
+                    for head in (0, 1):
+                        v = float(10 * qv + kv) if (layer, head) != (1, 1) or kv != 2 else math.nan
+                        lab = "correspondence" if (head == 0 and qv != kv and (qv + kv) % 2) else ""
+                        out.append({"stack": "dec", "kind": "self", "query_view": qv, "key_view": kv, "layer": layer,
+                                    "head": head, "corr_abs": v, "labels": lab})
+        return out
+
+    pair = panel_rows(rows(2))
+    assert [title for title, _ in pair.values()] == [group_title(g) for g in rows_by_group(rows(2))]
+    many = panel_rows(rows(4))  # 16 groups > MAX_PANELS
+    assert list(many) == [("dec", "self", True), ("dec", "self", False)]
+    title, across = many[("dec", "self", False)]
+    assert "mean of 12 view pairs" in title
+    cell = next(r for r in across if (r["layer"], r["head"]) == (0, 0))
+    pairs = [(q, k) for q in range(1, 5) for k in range(1, 5) if q != k]
+    assert cell["corr_abs"] == sum(10 * q + k for q, k in pairs) / 12
+    nan_aware = next(r for r in across if (r["layer"], r["head"]) == (1, 1))
+    assert nan_aware["corr_abs"] == sum(10 * q + k for q, k in pairs if k != 2) / 9
+    assert cell["labels"] == "correspondence"  # 8 of 12 pairs have it
+    groups = [("dec", "self", q, k) for q, k in pairs]
+    assert figure_groups(groups[:2]) == groups[:2]
+    assert figure_groups(groups) == [("dec", "self", q, 1) for q in (2, 3, 4)]

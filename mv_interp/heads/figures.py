@@ -22,7 +22,7 @@ from ..errors import OutOfRangeError, UnknownNameError
 from ..metrics import patch_centres
 from ..types import ModelLike, as_module
 from ..viz.plotting import pyplot, save_figure
-from .result import HeadRef, HeadScores, group_title, px_label, rows_by_group
+from .result import HeadRef, HeadScores, figure_groups, group_title, panel_rows, px_label
 from .scoring import GEOMETRY_KEYS
 from .targets import Correspondence, correspondence_targets
 
@@ -66,18 +66,19 @@ def _panels(n: int) -> tuple[int, int]:
 def plot_heatmaps(scores: HeadScores, out_dir: str | Path, columns: Sequence[str] = DEFAULT_HEATMAP_SCORES
                   ) -> list[Path]:
     """One PNG per score: a [layer × head] heatmap per block group (stack, kind, query → key
-    view). Groups where the score does not apply are left out; cells print their value when the
-    grid is small enough to read."""
+    view; with many views the view pairs merged into within / across views, see
+    :func:`~mv_interp.heads.result.panel_rows`). Groups where the score does not apply are left
+    out; cells print their value when the grid is small enough to read."""
     plt = pyplot()
     rows = scores.table()
-    groups = rows_by_group(rows)
+    groups = panel_rows(rows)
     paths = []
     for col in columns:
         col = col.format(primary=px_label(scores.primary_px))
         if not rows or col not in rows[0]:
             raise ValueError(f"plot_heatmaps: no score named {col!r}; scores: "
                              f"{[k for k, v in (rows[0] if rows else {}).items() if isinstance(v, float)]}")
-        panels = [(g, _grid_of(rs, col)) for g, rs in groups.items()]
+        panels = [(title, _grid_of(rs, col)) for title, rs in groups.values()]
         panels = [(g, p) for g, p in panels if any(not math.isnan(v) for line in p[2] for v in line)]
         if not panels:
             continue
@@ -93,9 +94,9 @@ def plot_heatmaps(scores: HeadScores, out_dir: str | Path, columns: Sequence[str
         else:
             vmin, vmax = 0.0, 1.0
         im = None
-        for ax, (g, (layers, n_heads, mat)) in zip(axes.flat, panels):
+        for ax, (title, (layers, n_heads, mat)) in zip(axes.flat, panels):
             im = ax.imshow(mat, cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
-            ax.set_title(group_title(g), fontsize=9)
+            ax.set_title(title, fontsize=9)
             ax.set_xlabel("head")
             ax.set_ylabel("layer")
             ax.set_xticks(range(n_heads))
@@ -118,18 +119,19 @@ def plot_heatmaps(scores: HeadScores, out_dir: str | Path, columns: Sequence[str
 
 def plot_label_map(scores: HeadScores, path: str | Path) -> Path:
     """Every head's labels as a coloured [layer × head] grid per block group
-    (C = correspondence, R = register, L = local, · = other)."""
+    (C = correspondence, R = register, L = local, · = other; with many views the view pairs
+    merged, a label shown where it holds in at least half of them)."""
     plt = pyplot()
     from matplotlib.patches import Patch
 
     rows = scores.table()
-    groups = rows_by_group(rows)
+    groups = panel_rows(rows)
     nr, nc = _panels(len(groups))
-    max_layers = max(len({r["layer"] for r in rs}) for rs in groups.values())
+    max_layers = max(len({r["layer"] for r in rs}) for _, rs in groups.values())
     fig, axes = plt.subplots(nr, nc, figsize=(4.2 * nc, 0.35 * max_layers * nr + 1.6 * nr), squeeze=False,
                              layout="constrained")
     order = ("correspondence", "register", "local")
-    for ax, (g, rs) in zip(axes.flat, groups.items()):
+    for ax, (title, rs) in zip(axes.flat, groups.values()):
         layers = sorted({r["layer"] for r in rs})
         n_heads = max(r["head"] for r in rs) + 1
         ax.set_xlim(-0.5, n_heads - 0.5)
@@ -141,7 +143,7 @@ def plot_label_map(scores: HeadScores, path: str | Path) -> Path:
             ax.add_patch(plt.Rectangle((x - 0.48, y - 0.48), 0.96, 0.96, color=LABEL_COLOURS[main]))
             text = "".join(lab[0].upper() for lab in order if lab in labs) or "·"
             ax.text(x, y, text, ha="center", va="center", fontsize=7, color="white" if main != "other" else "black")
-        ax.set_title(group_title(g), fontsize=9)
+        ax.set_title(title, fontsize=9)
         ax.set_xticks(range(n_heads))
         ax.set_yticks(range(len(layers)), [str(x) for x in layers])
         ax.set_xlabel("head")
@@ -166,6 +168,7 @@ def plot_correspondence_curve(scores: HeadScores, path: str | Path, threshold_px
     groups: dict[tuple, list] = {}
     for b in best:
         groups.setdefault(b.group, []).append(b)
+    groups = {g: groups[g] for g in figure_groups(groups)}  # many views: the queries into view 1
     nr, nc = _panels(len(groups))
     fig, axes = plt.subplots(nr, nc, figsize=(5.0 * nc, 3.6 * nr), squeeze=False, layout="constrained")
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -350,11 +353,14 @@ def plot_correspondence_lines(model: ModelLike, views: ViewsLike, scores: HeadSc
     """Correspondences of the best head per layer on one pair: the key view (left) and the query
     view (right) side by side, a line from each query patch to the key patch its head attends to
     most, green when within ``threshold_px`` (default the scores' primary threshold) of the true
-    match and red otherwise. One panel per layer of each cross-view block group."""
+    match and red otherwise. One panel per layer of each cross-view block group (with many views,
+    the groups :func:`~mv_interp.heads.result.figure_groups` keeps: the queries into view 1)."""
     plt = pyplot()
     best = scores.best_per_layer(threshold_px)
     if not best:
         raise ValueError("plot_correspondence_lines: no correspondence scores to pick heads from")
+    keep = set(figure_groups(b.group for b in best))  # many views: the queries into view 1
+    best = [b for b in best if b.group in keep]
     t0 = float(threshold_px) if threshold_px is not None else scores.primary_px
     module, pair = _one_pair(model, views, sample)
     p = module.patch_size

@@ -624,3 +624,59 @@ def rows_by_group(rows: Iterable[Mapping[str, Any]]) -> dict[tuple, list[Mapping
 def group_title(group: Sequence) -> str:
     stack, kind, qv, kv = group
     return f"{stack} {kind}-attn · queries v{qv} → keys v{kv}"
+
+
+#: Most block groups a figure draws one panel each for (more: many views; see :func:`figure_groups`).
+MAX_PANELS = 9
+
+
+def figure_groups(groups: Iterable[tuple], max_groups: int = MAX_PANELS) -> list[tuple]:
+    """The cross-view block groups ``(stack, kind, query view, key view)`` a per-group figure draws.
+
+    All of them when at most ``max_groups`` (a pair model: v2 → v1 and v1 → v2). With many views
+    attention over all frames gives N·(N−1) groups; the figures then keep the groups whose keys are
+    view 1 — every other view's queries into the reference frame — and, if those are still more than
+    ``max_groups``, the queries of view 2 alone. The tables keep every group."""
+    groups = list(dict.fromkeys(groups))
+    if len(groups) <= max_groups:
+        return groups
+    into_ref = [g for g in groups if g[3] == 1]
+    if 0 < len(into_ref) <= max_groups:
+        return into_ref
+    return [g for g in into_ref if g[2] == 2] or groups[:max_groups]
+
+
+def panel_rows(rows: Iterable[Mapping[str, Any]], max_panels: int = MAX_PANELS
+               ) -> dict[tuple, tuple[str, list[dict[str, Any]]]]:
+    """``{group: (title, rows)}`` for the per-group heatmap panels: :func:`rows_by_group` when there
+    are at most ``max_panels`` groups; else (many views) one panel per stack, kind and *within a
+    view* / *across views*, each cell the mean over the view pairs it merges (NaN-aware) and each
+    head's labels the ones it has in at least half of them."""
+    groups = rows_by_group(rows)
+    if len(groups) <= max_panels:
+        return {g: (group_title(g), list(rs)) for g, rs in groups.items()}
+    merged: dict[tuple, list[list[Mapping[str, Any]]]] = {}
+    for (stack, kind, qv, kv), rs in groups.items():
+        merged.setdefault((stack, kind, qv == kv), []).append(rs)
+    out: dict[tuple, tuple[str, list[dict[str, Any]]]] = {}
+    for (stack, kind, same), members in merged.items():
+        cells: dict[tuple[int, int], list[Mapping[str, Any]]] = {}
+        for rs in members:
+            for r in rs:
+                cells.setdefault((r["layer"], r["head"]), []).append(r)
+        merged_rows = []
+        for (layer, head), rr in sorted(cells.items()):
+            row: dict[str, Any] = {"stack": stack, "kind": kind, "layer": layer, "head": head}
+            for col, v in rr[0].items():
+                if isinstance(v, float):
+                    vals = [float(x[col]) for x in rr if isinstance(x.get(col), (int, float)) and not math.isnan(x[col])]
+                    row[col] = sum(vals) / len(vals) if vals else math.nan
+            votes: dict[str, int] = {}
+            for x in rr:
+                for lab in filter(None, str(x.get("labels", "")).split("+")):
+                    votes[lab] = votes.get(lab, 0) + 1
+            row["labels"] = "+".join(lab for lab, n in votes.items() if 2 * n >= len(rr))
+            merged_rows.append(row)
+        where = "within each view" if same else "queries → another view"
+        out[(stack, kind, same)] = (f"{stack} {kind}-attn · {where} (mean of {len(members)} view pairs)", merged_rows)
+    return out

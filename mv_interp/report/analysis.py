@@ -405,12 +405,17 @@ def plot_correspondence_ci(best: list[dict[str, Any]], px: float, path: Path) ->
     same-position and uniform baselines, one panel per block group; legends below the data."""
     plt = pyplot()
     key = f"{px:g}px"
+    from ..heads.result import figure_groups
+
     groups: dict[tuple, list[dict]] = {}
     for b in best:
         groups.setdefault((b["stack"], b["kind"], b["query_view"], b["key_view"]), []).append(b)
-    fig, axes = plt.subplots(1, len(groups), figsize=(max(5.5, 4.6 * len(groups)), 3.6), squeeze=False,
-                             layout="constrained")
-    for ax, ((stack, kind, qv, kv), bs) in zip(axes[0], groups.items()):
+    groups = {g: groups[g] for g in figure_groups(groups)}  # many views: the queries into view 1
+    nr, nc = math.ceil(len(groups) / 3), min(len(groups), 3)
+    fig, axes = plt.subplots(nr, nc, figsize=(max(5.5, 4.6 * nc), 3.6 * nr), squeeze=False, layout="constrained")
+    for ax in list(axes.flat)[len(groups):]:
+        ax.axis("off")
+    for ax, ((stack, kind, qv, kv), bs) in zip(axes.flat, groups.items()):
         bs = sorted(bs, key=lambda b: b["layer"])
         x = [b["layer"] for b in bs]
         rec = [100 * b["recall"][key] for b in bs]
@@ -427,7 +432,8 @@ def plot_correspondence_ci(best: list[dict[str, Any]], px: float, path: Path) ->
         ax.set_ylim(0, 105)
         ax.set_title(f"{stack} {kind} · queries v{qv} → keys v{kv}", fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("correct correspondences (%)")
+    for row in axes:
+        row[0].set_ylabel("correct correspondences (%)")
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=4, fontsize=8, frameon=False)
     return save_figure(fig, path, tight=True)
