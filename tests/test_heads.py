@@ -569,3 +569,29 @@ def test_many_view_figures_merge_view_pairs_and_keep_the_tables_whole():
     groups = [("dec", "self", q, k) for q, k in pairs]
     assert figure_groups(groups[:2]) == groups[:2]
     assert figure_groups(groups) == [("dec", "self", q, 1) for q in (2, 3, 4)]
+
+
+def test_per_sample_sums_of_a_batch_equal_one_pair_at_a_time(linear_model):
+    """``HeadScorer.per_sample``: one batched forward keeps each example's sums, equal to scoring the
+    examples one at a time, and they add up to the batch's totals (what the report's intervals use)."""
+    from mv_interp.data import SceneConfig, render_views
+    from mv_interp.heads import HeadScorer
+    from mv_interp.heads.scoring import PER_SAMPLE_SUMS
+
+    views = render_views(3, SceneConfig(image_size=(48, 64)), seed=11)
+    batched = HeadScorer(linear_model)
+    batched.per_sample = {}
+    batched.update(views)
+    assert batched.per_sample and all(set(s) <= set(PER_SAMPLE_SUMS) for s in batched.per_sample.values())
+    assert any("corr_hits" in s for s in batched.per_sample.values())  # geometry: correspondence sums too
+    one = HeadScorer(linear_model)
+    for i in range(3):
+        before = {k: {s: t.clone() for s, t in v.items()} for k, v in one.sums.items()}
+        one.update([{k: t[i : i + 1] for k, t in v.items()} for v in views])
+        for key, stats in batched.per_sample.items():
+            for stat, (part,) in stats.items():
+                delta = one.sums[key][stat] - before.get(key, {}).get(stat, 0)
+                torch.testing.assert_close(part[i], delta.double(), rtol=1e-4, atol=1e-5, msg=f"{key} {stat}")
+    for key, stats in batched.per_sample.items():
+        for stat, (part,) in stats.items():
+            torch.testing.assert_close(part.sum(0), batched.sums[key][stat].double(), rtol=1e-5, atol=1e-6)

@@ -72,10 +72,18 @@ class BlockStatistics(NamedTuple):
     or a scalar); every entry is a sum, so the statistics of two batches add.
     ``top_keys`` is ``(indices, shares)``, both ``[batch, head, k]``: each sample's top-k keys of
     the query-averaged attention and their shares of it, or ``None``.
+    ``per_sample``: the :data:`PER_SAMPLE_SUMS` of each sample, with a leading ``[batch]`` axis
+    (``sums`` holds their totals): what per-example intervals resample, from one batched forward.
     """
 
     sums: dict[str, Tensor]
     top_keys: tuple[Tensor, Tensor] | None
+    per_sample: dict[str, Tensor] | None = None
+
+
+#: The sums :func:`block_statistics` also returns per sample (``BlockStatistics.per_sample``).
+PER_SAMPLE_SUMS = ("rows", "samples", "block_mass", "corr_rows", "corr_hits", "corr_chance", "corr_same_pos",
+                   "register_mass", "register_chance", "local_mass", "local_chance")
 
 
 @functools.lru_cache(maxsize=16)
@@ -154,15 +162,14 @@ def block_statistics(
     window = window[qsel]  # [Nq, Nk]: the scored queries' neighbourhoods
     mass = A_all.sum(-1)  # [B, H, Nq]: the rows' mass in this block, on its special tokens too
     safe = mass.clamp_min(1e-12)
-    sums: dict[str, Tensor] = {
-        "rows": torch.tensor(float(B * Nq), device=dev),
-        "samples": torch.tensor(float(B), device=dev),
-        "block_mass": mass.sum((0, 2)),
-    }
+    ones = torch.ones(B, device=dev)
+    # per sample first (leading [batch] axis), summed over the batch at the end: one set of formulas
+    per: dict[str, Tensor] = {"rows": ones * Nq, "samples": ones, "block_mass": mass.sum(2)}
+    sums: dict[str, Tensor] = {}
     top_keys = None
     if "local" in kinds:
-        sums["local_mass"] = (torch.einsum("bhqk,qk->bhq", A, window) / safe).sum((0, 2))
-        sums["local_chance"] = window.sum() / Nk * B
+        per["local_mass"] = (torch.einsum("bhqk,qk->bhq", A, window) / safe).sum(2)
+        per["local_chance"] = ones * (window.sum() / Nk)
         own = A.gather(-1, qsel.view(1, 1, -1, 1).expand(B, H, -1, 1))[..., 0]  # [B, H, Nq]: own position
         sums["diag_mass"] = (own / safe).sum((0, 2))
     if "register" in kinds:
@@ -172,8 +179,8 @@ def block_statistics(
         avg = A_all.sum(2) / A_all.sum((2, 3))[..., None].clamp_min(1e-12)
         top = avg.topk(k, dim=-1)
         top_keys = (top.indices, top.values)
-        sums["register_mass"] = top.values.sum(-1).sum(0)
-        sums["register_chance"] = torch.tensor(float(B * k / n_keys), device=dev)
+        per["register_mass"] = top.values.sum(-1)
+        per["register_chance"] = ones * (k / n_keys)
         # a key counts as a sample's register only if it also gets more than its uniform share, so
         # the filler of a top-k set (a head with two registers and k = 5) is not reported
         above = (top.values > 1 / n_keys).float()
@@ -194,11 +201,11 @@ def block_statistics(
         # cannot decide scores the chance level instead of whatever its first key happens to give.
         is_max = (A == A.amax(-1, keepdim=True)).float()
         hits = torch.einsum("bhqk,bqkt->bhqt", is_max, near_gt) / is_max.sum(-1)[..., None]
-        sums["corr_rows"] = sel.sum()
-        sums["corr_hits"] = torch.einsum("bhqt,bq->ht", hits, sel)
-        sums["corr_chance"] = torch.einsum("bqkt,bq->t", near_gt, sel) / Nk
+        per["corr_rows"] = sel.sum(1)
+        per["corr_hits"] = torch.einsum("bhqt,bq->bht", hits, sel)
+        per["corr_chance"] = torch.einsum("bqkt,bq->bt", near_gt, sel) / Nk
         same = centre_px[qsel[None].expand(B, -1), gt][..., None] <= thr  # [B, Nq, T]
-        sums["corr_same_pos"] = torch.einsum("bqt,bq->t", same.float(), sel)
+        per["corr_same_pos"] = torch.einsum("bqt,bq->bt", same.float(), sel)
         support = (overlap > 0).float()
         sums["corr_mul_num"] = torch.einsum("bhqk,bqk,bq->h", A, support, sel)
         sums["corr_mul_den"] = torch.einsum("bhq,bq->h", mass, sel)
@@ -208,7 +215,8 @@ def block_statistics(
             l1 = l1 + A_all[..., :n_prefix].sum(-1) / safe
         sums["corr_abs"] = torch.einsum("bhq,bq->h", 1 - l1, sel)
         sums["corr_abs_chance"] = torch.einsum("bq,bq->", 1 - (overlap - 1 / Nk).abs().sum(-1), sel)
-    return BlockStatistics(sums, top_keys)
+    sums.update({name: t.sum(0) for name, t in per.items()})
+    return BlockStatistics(sums, top_keys, per)
 
 
 # --------------------------------------------------------------------------------------
@@ -303,6 +311,9 @@ class HeadScorer:
         self._grid: tuple[int, int] | None = None
         self._n_views: int | None = None
         self._warned_no_geometry = False
+        self.per_sample: dict[tuple[str, int, int], dict[str, list[Tensor]]] | None = None
+        """Set to ``{}`` to also keep every example's :data:`PER_SAMPLE_SUMS` (on the CPU, in float64):
+        ``per_sample[unit key][stat]`` is a list of ``[batch, ...]`` tensors, one per update."""
 
     # -- sites ------------------------------------------------------------------------
     def _sites(self, n_views: int) -> list[AttentionSite]:
@@ -413,6 +424,10 @@ class HeadScorer:
         acc = self.sums.setdefault(unit.key, {})
         for name, value in stats.sums.items():
             acc[name] = acc[name] + value if name in acc else value.clone()
+        if self.per_sample is not None and stats.per_sample:
+            keep = self.per_sample.setdefault(unit.key, {})
+            for name, value in stats.per_sample.items():
+                keep.setdefault(name, []).append(value.detach().double().cpu())
         if stats.top_keys is not None and unit.resid_hook:
             top_keys[unit.key] = stats.top_keys
 

@@ -337,7 +337,8 @@ def heads_step(model: ModelLike, pairs: Pairs, cfg: ReportConfig, out: Path, pro
     from ..heads import LABELS, ScoreConfig, save_example_figures
 
     d = out / "heads"
-    scores, per_pair = score_heads_per_pair(model, pairs.views, ScoreConfig(max_queries=cfg.head_queries), progress)
+    scores, per_pair = score_heads_per_pair(model, pairs.views, ScoreConfig(max_queries=cfg.head_queries), progress,
+                                            batch_size=cfg.batch_size)
     scores.model_name = name or scores.model_name
     paths = scores.save(d, figures=True)
     paths.update(save_example_figures(model, pairs.pair("easy"), scores, d, n_queries=cfg.overlay_queries,
@@ -378,26 +379,23 @@ def unit_row(u: Any) -> dict[str, Any]:
             "n_heads": u.site.n_heads}
 
 
-def score_heads_per_pair(model: ModelLike, views: Batch, config: Any = None, progress: bool = False) -> tuple[Any, dict]:
-    """:func:`mv_interp.heads.score_heads` on ``views``, one pair per update, keeping each pair's
-    sums (the statistics are sums, so the scores are the same as a batched run's); returns the
-    scores and ``{unit key: {stat: [pairs, ...]}}`` for the intervals."""
+def score_heads_per_pair(model: ModelLike, views: Batch, config: Any = None, progress: bool = False,
+                         batch_size: int = 8) -> tuple[Any, dict]:
+    """:func:`mv_interp.heads.score_heads` on ``views`` in batches of ``batch_size``, keeping each
+    example's sums (``HeadScorer.per_sample``: the statistics are sums, so the scores are the batched
+    run's); returns the scores and ``{unit key: {stat: [pairs, ...]}}`` for the intervals."""
     from ..heads import HeadScorer
 
     from .uncertainty import HEAD_SUMS
 
     scorer = HeadScorer(model, config)
-    per: dict[tuple, dict[str, list[np.ndarray]]] = {}
-    for i in _tqdm(range(Views(views).batch_size), progress, desc="scoring heads", unit="pair"):
-        before = {k: {s: t.clone() for s, t in v.items() if s in HEAD_SUMS} for k, v in scorer.sums.items()}
-        scorer.update(Views(views).slice(i, i + 1))
-        for key, sums in scorer.sums.items():
-            for stat, t in sums.items():
-                if stat in HEAD_SUMS:
-                    prev = before.get(key, {}).get(stat)
-                    delta = t - prev if prev is not None else t
-                    per.setdefault(key, {}).setdefault(stat, []).append(delta.detach().double().cpu().numpy())
-    return scorer.result(), {k: {s: np.stack(v) for s, v in ss.items()} for k, ss in per.items()}
+    scorer.per_sample = {}
+    batches = list(Views(views).batches(batch_size))
+    for batch in _tqdm(batches, progress, desc="scoring heads", unit="batch"):
+        scorer.update(batch)
+    per = {key: {stat: torch.cat(parts).numpy() for stat, parts in stats.items() if stat in HEAD_SUMS}
+           for key, stats in scorer.per_sample.items()}
+    return scorer.result(), per
 
 
 def plot_correspondence_ci(best: list[dict[str, Any]], px: float, path: Path) -> Path:
