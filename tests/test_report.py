@@ -313,9 +313,10 @@ def test_report_renders_and_slider_moves_the_view(report):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["mast3r", "fast3r"])
-def test_report_runs_on_other_families(family, tmp_path):
-    """The report asks the model for its sites, so any adapted family works (≈ 45 s each on a CPU)."""
+@pytest.mark.parametrize("family,n_views", [("mast3r", 2), ("fast3r", 2), ("fast3r", 3)])
+def test_report_runs_on_other_families(family, n_views, tmp_path):
+    """The report asks the model for its sites, so any adapted family works (≈ 45 s each on a CPU);
+    Fast3R on examples of three views too."""
     import torch
 
     import mv_interp
@@ -327,7 +328,9 @@ def test_report_runs_on_other_families(family, tmp_path):
     torch.manual_seed(0)
     module = (HookedMASt3R(MASt3RConfig(**tiny, output_mode="pts3d+desc8")) if family == "mast3r"
               else HookedFast3R(Fast3RConfig(**tiny)))
-    files = run_report(mv_interp.MVModel(module.eval()), FAST, tmp_path, progress=False, log=lambda s: None)
+    files = run_report(mv_interp.MVModel(module.eval()), FAST.replace(views=n_views), tmp_path, progress=False,
+                       log=lambda s: None)
     assert files["html"].is_file()
     summary = json.loads(files["summary"].read_text())
     assert set(summary["steps"]) == set(STEP_NAMES)
+    assert len(list((tmp_path / "views").glob("pair_easy_view*.png"))) == n_views

@@ -34,7 +34,7 @@ from .. import metrics as M
 from ..errors import UnknownNameError
 from ..io import atomic_write, dumps_json, nan_if_none, read_json
 from ..types import ModelLike, as_module
-from ..data.views import BatchesLike
+from ..data.views import BatchesLike, is_views
 from .data import EVAL_SEED, Batch, SyntheticSource, batch_size_of, check_batch, slice_batch
 from .lens import lens_sites, pointmap_lens
 from .probeset import ProbeSet
@@ -331,9 +331,14 @@ def evaluate_probes(model: ModelLike, probes: ProbeSet | None = None, data: int 
     module = as_module(model).eval()
     if probes is not None and check:
         probes.check_backbone(module)
-    sites = list(probes.sites) if probes is not None else module.probe_sites()
+    if probes is not None:
+        n_views = probes.n_views
+    elif is_views(data):  # the lens alone on one batch: as many views as it has
+        n_views = module.default_n_views(len(data))
+    else:
+        n_views = module.fixed_n_views or 2
+    sites = list(probes.sites) if probes is not None else module.probe_sites(n_views=n_views)
     locations = group_locations(sites)
-    n_views = probes.n_views if probes is not None else (module.fixed_n_views or 2)
     read = lens_sites(module, sites) if lens else sites
     ctl_module = None
     if control is not None:

@@ -18,7 +18,9 @@ from ..types import ModelLike, as_module
 def lens_sites(model: ModelLike, sites: Sequence[ProbeSite]) -> list[ProbeSite]:
     """``sites`` plus the encoder-output sites a lens needs for heads that read the encoder (DPT)."""
     module = as_module(model)
-    extra = [s for s in module.probe_sites() if s.kind == "enc_out"] if module.lens_reads_encoder else []
+    n_views = max([2, *(s.view for s in sites)])  # the run's views: a many-view model has N
+    extra = [s for s in module.probe_sites(n_views=n_views) if s.kind == "enc_out"] if module.lens_reads_encoder \
+        else []
     names = {s.name for s in sites}
     return list(sites) + [s for s in extra if s.name not in names]
 
@@ -35,7 +37,8 @@ def pointmap_lens(model: ModelLike, tokens: Mapping[str, Tensor], sites: Sequenc
     """
     module = as_module(model)
     needs_enc = module.lens_reads_encoder
-    enc = {s.view: s.name for s in module.probe_sites() if s.kind == "enc_out"} if needs_enc else {}
+    n_views = max([2, *(s.view for s in sites)])
+    enc = {s.view: s.name for s in module.probe_sites(n_views=n_views) if s.kind == "enc_out"} if needs_enc else {}
     out = {}
     for site in sites:
         kwargs = {}
