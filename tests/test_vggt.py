@@ -256,3 +256,23 @@ def test_vggt_tour_example(tmp_path):
     assert res["html"].is_file() and len(res["frames"]) == 2 + 4 * 4
     assert all(len(f.views) == 4 for f in res["frames"])
     assert res["pose_change"] > 0 and res["rows"]
+
+
+def test_frame_attention_of_any_frame_is_addressable_beyond_the_default_view_count():
+    """Frame attention is declared for the default two frames but runs on any number: a head
+    ablation of frame 3's frame-attention heads changes frame 3 alone, and a per-head patching sweep
+    over three frames has cells for frame 3's frame-attention heads."""
+    from mv_interp.interventions import HeadAblation, patching_sweep
+
+    torch.manual_seed(0)
+    m = mv_interp.MVModel(HookedVGGT(VGGTConfig(**TINY)).eval())
+    frames = [torch.rand(1, 3, 28, 42, generator=torch.Generator().manual_seed(i)) * 2 - 1 for i in range(3)]
+    hook = "aggregator.frame_blocks.0.hook_resid_post"  # [frames · batch, P, d]
+    _, clean = m.run_with_cache(*frames, names_filter=[hook])
+    with torch.no_grad():
+        _, cache = HeadAblation(layers=[0], view=3, heads=[0]).run_with_cache(m, *frames, names_filter=[hook], n_views=3)
+    change = (cache[hook] - clean[hook]).abs().flatten(1).amax(1)
+    assert change[:2].max() == 0 and change[2] > 0
+    corrupted = frames[:1] + [f.flip(-1) for f in frames[1:]]
+    sweep = patching_sweep(m, frames, corrupted, per="head", layers=[0])
+    assert "self.v3" in sweep.sites

@@ -117,11 +117,15 @@ def n_views_for(model: ModelLike, n_views: int | None, site: AttentionSite | Non
 # --------------------------------------------------------------------------------------
 
 
-def _query_views(site: AttentionSite) -> tuple[int, ...] | None:
-    """Views whose queries a site holds (``None``: as many as the run has — attention over all views)."""
+def _query_views(site: AttentionSite, any_views: bool = False) -> tuple[int, ...] | None:
+    """Views whose queries a site holds (``None``: as many as the run has — attention over all views,
+    or, with ``any_views`` (a model of any number of views), per-view attention stacked on the batch
+    axis, whose declared views are only the default count)."""
     if site.query_view:
         return (site.query_view,)
-    return None if site.layout == "global" else tuple(site.key_views)
+    if site.layout == "global" or (any_views and site.layout == "stacked"):
+        return None
+    return tuple(site.key_views)
 
 
 def resolve_attention_sites(
@@ -131,7 +135,8 @@ def resolve_attention_sites(
 
     ``view`` is the query view (``None``: every site of those layers, all query views).
     """
-    sites = as_module(model).attention_sites()
+    module = as_module(model)
+    sites, any_views = module.attention_sites(), module.fixed_n_views is None
     stacks = sorted({s.stack for s in sites})
     if stack not in stacks:
         raise ValueError(f"stack={stack!r} has no attention sites in this model; valid stacks: {stacks}")
@@ -152,9 +157,9 @@ def resolve_attention_sites(
         if view is None:
             out.extend(at_layer)
             continue
-        match = [s for s in at_layer if _query_views(s) is None or view in _query_views(s)]
+        match = [s for s in at_layer if _query_views(s, any_views) is None or view in _query_views(s, any_views)]
         if not match:
-            views = sorted({v for s in at_layer for v in _query_views(s) or ()})
+            views = sorted({v for s in at_layer for v in _query_views(s, any_views) or ()})
             raise OutOfRangeError(f"view {view} has no {stack} {kind}-attention queries at layer {layer} "
                              f"(valid views: {', '.join(map(str, views))})")
         out.extend(match)

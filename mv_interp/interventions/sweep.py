@@ -200,7 +200,7 @@ def sweep_cells(model: ModelLike, per: str = "site", *, stack: str = "dec", kind
             if n_views is None or s.view <= n_views:
                 entries.append((f"{s.kind}.v{s.view}", s.layer, s.hook, s.view))
     else:
-        att = module.attention_sites()
+        att = module.attention_sites(n_views=n_views)  # per-view sites of a many-view model: the run's views
         stacks = sorted({s.stack for s in att})
         if stack not in stacks:
             raise ValueError(f"stack={stack!r} has no attention sites; valid stacks: {stacks}")
