@@ -20,17 +20,13 @@ from ..types import ModelLike
 
 
 def _load_pairs(model: ModelLike, pairs: list[list[str]], size: int | None) -> list[tuple[Any, ...]]:
-    """Load image pairs at the model's input size, all cropped to one common shape."""
-    from ..images import load_images
+    """Load image pairs at the model's input size, all cropped to one common shape (the user-image
+    pair source, :class:`mv_interp.data.sources.ImageSource`)."""
+    from ..data.sources import ImageSource
 
-    files = [p for pair in pairs for p in pair]
-    for f in files:
-        if not Path(f).is_file():
-            raise FileNotFoundError(f"image file not found: {f}")
     side = size or max(model.config.img_size)
-    imgs = load_images(files, size=side, patch=model.module.patch_size)
-    n = len(pairs[0])
-    return [tuple(imgs[i * n + j : i * n + j + 1] for j in range(n)) for i in range(len(pairs))]
+    views = ImageSource(pairs, size=side, patch=model.module.patch_size).take(0, len(pairs))
+    return [tuple(v["img"][i : i + 1] for v in views) for i in range(len(pairs))]
 
 
 def _outputs_to_tensors(model: ModelLike, out: Any) -> dict[str, Any]:
