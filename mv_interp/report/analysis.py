@@ -161,7 +161,8 @@ def image_pairs(model: ModelLike, images: Sequence[str | os.PathLike], n_views: 
     no ground truth: views ``{"img"}`` at the model's input size (scaled to its long side,
     centre-cropped). The first example is the one shown everywhere (the second, if any, is the
     "hard" one)."""
-    from ..images import center_crop, load_images
+    from ..data.sources import ImageSource
+    from ..images import center_crop
 
     paths = [Path(p) for p in images]
     if len(paths) < n_views or len(paths) % n_views:
@@ -173,11 +174,11 @@ def image_pairs(model: ModelLike, images: Sequence[str | os.PathLike], n_views: 
         raise FileNotFoundError(f"--images: no such file(s) {missing}")
     module = as_module(model)
     H, W = tuple(module.config.img_size)
-    imgs = load_images(paths, size=max(H, W), square_ok=H == W, patch=module.patch_size)
-    h, w = min(H, imgs.shape[-2]), min(W, imgs.shape[-1])
-    imgs = center_crop(imgs, h, w).to(module.device)
-    views = [{"img": imgs[v::n_views].contiguous()} for v in range(n_views)]
     n = len(paths) // n_views
+    groups = [paths[n_views * i: n_views * (i + 1)] for i in range(n)]
+    loaded = ImageSource(groups, size=max(H, W), square_ok=H == W, patch=module.patch_size).take(0, n)
+    h, w = min(H, loaded[0]["img"].shape[-2]), min(W, loaded[0]["img"].shape[-1])
+    views = [{"img": center_crop(v["img"], h, w).contiguous().to(module.device)} for v in loaded]
     stats = [{"overlap": math.nan, "rotation_deg": math.nan, "index": i,
               "files": [p.name for p in paths[n_views * i: n_views * (i + 1)]]} for i in range(n)]
     describe = {"source": "images", "files": [str(p.resolve()) for p in paths],
