@@ -185,3 +185,43 @@ def test_sweep_on_a_model_with_views_concatenated_on_tokens():
     # the head decodes view 3 from view 3's slice of the last residual only
     assert sweep.cell("mlp.v3", 1) == pytest.approx(0.0, abs=1e-5)
     assert sweep.cell("mlp.v1", 1) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("family", ["dust3r", "fast3r", "vggt"])
+def test_cells_batched_in_one_forward_equal_one_forward_per_cell(family):
+    """``cells_per_forward``: K cells in one forward of the corrupted inputs repeated K times (each
+    cell's hooks patch only its copy) give the one-forward-per-cell values, per site, head and
+    position, for per-view hooks (DUSt3R), views stacked on the batch axis and concatenated on the
+    token axis (Fast3R, VGGT frames / global) and three views."""
+    import mv_interp
+    from mv_interp.adapters.dust3r import DUSt3RConfig, HookedDUSt3R
+    from mv_interp.adapters.fast3r import Fast3RConfig, HookedFast3R
+    from mv_interp.adapters.vggt import HookedVGGT, VGGTConfig
+    from mv_interp.interventions import patching_sweep
+
+    tiny = dict(img_size=(32, 48), enc_embed_dim=32, enc_depth=2, enc_num_heads=2, dec_embed_dim=32, dec_depth=2,
+                dec_num_heads=2)
+    torch.manual_seed(0)
+    if family == "dust3r":
+        module, n_views, hw = HookedDUSt3R(DUSt3RConfig(**tiny)), 2, (32, 48)
+    elif family == "fast3r":
+        module, n_views, hw = HookedFast3R(Fast3RConfig(**tiny)), 3, (32, 48)
+    else:
+        module, n_views, hw = HookedVGGT(VGGTConfig(
+            img_size=28, embed_dim=32, depth=2, num_heads=2, dino_depth=1, dino_num_heads=2, camera_trunk_depth=1,
+            camera_num_heads=4, camera_num_iterations=2, dpt_features=16, dpt_out_channels=(8, 8, 16, 16),
+            dpt_layers=(0, 1, 1, 1))), 3, (28, 42)
+    model = mv_interp.MVModel(module.eval())
+    g = torch.Generator().manual_seed(1)
+    clean = [torch.rand(2, 3, *hw, generator=g) * 2 - 1 for _ in range(n_views)]
+    corrupted = clean[:1] + [torch.rand(2, 3, *hw, generator=g) * 2 - 1 for _ in range(n_views - 1)]
+    for per, kw in (("site", {}), ("head", {}), ("position", {"layers": [0], "views": [2]})):
+        one = patching_sweep(model, clean, corrupted, per=per, **kw)
+        many = patching_sweep(model, clean, corrupted, per=per, cells_per_forward=5, **kw)
+        assert torch.equal(one.values.isnan(), many.values.isnan())
+        torch.testing.assert_close(many.values.nan_to_num(), one.values.nan_to_num(), atol=1e-5, rtol=1e-4)
+        if per == "site":  # some site restores the clean output: the batched copies were patched
+            assert one.values.nan_to_num(2).min() < 0.95
+        assert many.extra["n_forwards"] < one.extra["n_forwards"]
+    with pytest.raises(ValueError, match="method='hooks'"):
+        patching_sweep(model, clean, corrupted, cells_per_forward=2, method="traces")

@@ -334,3 +334,24 @@ def test_report_runs_on_other_families(family, n_views, tmp_path):
     summary = json.loads(files["summary"].read_text())
     assert set(summary["steps"]) == set(STEP_NAMES)
     assert len(list((tmp_path / "views").glob("pair_easy_view*.png"))) == n_views
+
+
+def test_patching_step_with_cells_batched_gives_the_same_sweep(tmp_path):
+    """``patch_batch``: the report's patching step with several cells per forward writes the values
+    of one forward per cell."""
+    import torch
+
+    import mv_interp
+    from mv_interp.report import analysis as A
+
+    model = mv_interp.load_model("dust3r-toy")
+    cfg = FAST.replace(pairs=3, patch_pairs=2, patch_per=("site",))
+    pairs = A.prepare_pairs(model, cfg, None, False)
+    A.patching_step(model, pairs, cfg, tmp_path / "one", False)
+    A.patching_step(model, pairs, cfg.replace(patch_batch=8), tmp_path / "many", False)
+    from safetensors.torch import load_file
+
+    one, many = (load_file(str(tmp_path / d / "patching" / "site" / "patching.safetensors")) for d in ("one", "many"))
+    assert one.keys() == many.keys() and "values" in one
+    for k in one:
+        torch.testing.assert_close(many[k], one[k], equal_nan=True)

@@ -784,7 +784,8 @@ def patching_step(model: ModelLike, pairs: Pairs, cfg: ReportConfig, out: Path, 
     files, info = [], {"pairs": idx, "corrupted_view2_from": other, "sweeps": {}}
     for per in cfg.patch_per:
         metric = distance_to(clean_out, scale_invariant=True)
-        sweep = patching_sweep(model, clean, corrupted, per=per, metric=metric, progress=progress)
+        sweep = patching_sweep(model, clean, corrupted, per=per, metric=metric, progress=progress,
+                               cells_per_forward=max(1, (cfg.patch_batch or 1) // len(idx)))
         files += list(sweep.save(out / "patching" / per).values())
         vals = sweep.values
         cells = []

@@ -61,6 +61,12 @@ class ReportConfig(ConfigMixin):
     """Register tokens knocked out per head and example (the paper's five)."""
     patch_pairs: int = 4
     """Clean/corrupted pairs averaged in each patching-sweep cell."""
+    patch_batch: int | None = None
+    """Examples per patching forward: ``patch_batch // patch_pairs`` cells run together, each on its
+    own copy of the corrupted pairs (the same values as one forward per cell; fewer, larger forwards,
+    meant for a GPU). ``None``: one cell per forward. On 2 CPU cores batching was 1.3x faster for
+    dust3r-toy and 0.7-0.8x for a small VGGT (``benchmarks/bench_patching_batch.py``); on a GPU it is
+    not measured yet."""
     patch_per: Sequence[str] = PATCH_PER
     """Patching sweeps to run: per ``"site"`` (every residual and sublayer output) and/or per ``"head"``."""
     max_points: int = 4000
@@ -100,6 +106,8 @@ class ReportConfig(ConfigMixin):
             raise ValueError(f"ReportConfig.views={self.views}: an example needs at least 2 views")
         if self.pairs < 2:
             raise ValueError(f"ReportConfig.pairs={self.pairs}: need at least 2 pairs (an easy and a hard one)")
+        if self.patch_batch is not None and self.patch_batch < 1:
+            raise ValueError(f"ReportConfig.patch_batch={self.patch_batch} must be >= 1 (or None)")
         if self.patch_pairs < 1 or self.patch_pairs > self.pairs:
             raise ValueError(f"ReportConfig.patch_pairs={self.patch_pairs} must be in 1..pairs ({self.pairs})")
         if self.control_steps is not None and self.control_steps < 1:
