@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import markdown_table, record  # noqa: E402
 
 
-def _models(device: str):
+def bench_models(device: str):
+    """dust3r-toy (the bundled model) and a small random VGGT with 4 frames: (label, model, views)."""
     import mv_interp
     from mv_interp.adapters.vggt import HookedVGGT, VGGTConfig
 
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args(argv)
     rows = []
-    for name, model, n_views in _models(args.device):
+    for name, model, n_views in bench_models(args.device):
         H, W = model.module.config.img_size
         views = render_views(args.pairs, SceneConfig(image_size=(H, W), n_views=n_views), seed=1, device=args.device)
         for label, cfg in (("every query", ScoreConfig(max_queries=None)),):

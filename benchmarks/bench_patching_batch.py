@@ -23,18 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _results import markdown_table, record  # noqa: E402
-
-
-def _models(device: str):
-    import mv_interp
-    from mv_interp.adapters.vggt import HookedVGGT, VGGTConfig
-
-    torch.manual_seed(0)
-    yield "dust3r-toy, 2 views", mv_interp.load_model("dust3r-toy", device=device), 2
-    vggt = HookedVGGT(VGGTConfig(img_size=112, enable_track=False, embed_dim=64, depth=4, num_heads=4, dino_depth=2,
-                                 dino_num_heads=2, camera_trunk_depth=1, camera_num_heads=4, dpt_features=32,
-                                 dpt_out_channels=(16, 32, 64, 64), dpt_layers=(0, 1, 2, 3)))
-    yield "VGGT small width, 4 frames", mv_interp.MVModel(vggt.to(device).eval()), 4
+from bench_head_intervals import bench_models  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args(argv)
     rows = []
-    for name, model, n_views in _models(args.device):
+    for name, model, n_views in bench_models(args.device):
         H, W = model.module.config.img_size
         v = render_views(args.pairs + 1, SceneConfig(image_size=(H, W), n_views=n_views), seed=3, device=args.device)
         clean = tuple(view["img"][: args.pairs] for view in v)
