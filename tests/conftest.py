@@ -27,6 +27,17 @@ def tiny_config():
     return DUSt3RConfig(**TINY)
 
 
+@pytest.fixture(scope="module")
+def tiny_model_shared():
+    """A seeded random tiny DUSt3R (``TINY``) in eval mode, wrapped in nnsight, shared by one test
+    module (its tests only read it; ``tiny_model`` is the one to edit)."""
+    import mv_interp
+    from mv_interp.adapters.dust3r import DUSt3RConfig, HookedDUSt3R
+
+    torch.manual_seed(0)
+    return mv_interp.MVModel(HookedDUSt3R(DUSt3RConfig(**TINY)).eval())
+
+
 @pytest.fixture()
 def tiny_model(tiny_config):
     """A fresh random tiny DUSt3R wrapped in nnsight (function scope: tests may edit it)."""

@@ -6,12 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import mv_interp  # before nnsight (see mv_interp._compat)
+import mv_interp  # noqa: F401 - before nnsight (see mv_interp._compat)
 import nnsight  # noqa: I001
-from mv_interp.adapters.dust3r import DUSt3RConfig, HookedDUSt3R
 
-TINY = dict(img_size=(32, 48), enc_embed_dim=32, enc_depth=2, enc_num_heads=2,
-            dec_embed_dim=32, dec_depth=2, dec_num_heads=2)
 HOOKS = ["hook_enc_out", "dec_blocks.0.hook_resid_pre", "dec_blocks2.0.hook_memory",
          "dec_blocks2.1.cross_attn.hook_pattern", "dec_blocks2.1.attn.hook_z", "dec_blocks2.1.hook_resid_mid",
          "hook_dec_out2"]
@@ -22,9 +19,8 @@ def metric(outs):
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return mv_interp.MVModel(HookedDUSt3R(DUSt3RConfig(**TINY)).eval())
+def model(tiny_model_shared):
+    return tiny_model_shared
 
 
 @pytest.fixture(scope="module")

@@ -17,20 +17,19 @@ import torch
 
 import mv_interp
 from mv_interp import cli
-from mv_interp.adapters.dust3r import DUSt3RConfig, HookedDUSt3R
+from mv_interp.adapters.dust3r import DUSt3RConfig
 from mv_interp.data import CaptureError, SceneConfig, check_capture, load_tuple, render_views, write_capture
 from mv_interp.errors import ConfigError, OutOfRangeError, UnknownNameError, UserError, WrongTypeError
 from mv_interp.images import ImageRangeWarning, load_images
 from mv_interp.loading import CheckpointError
 
-TINY = dict(img_size=(32, 48), enc_embed_dim=32, enc_depth=2, enc_num_heads=2, dec_embed_dim=32, dec_depth=2,
-            dec_num_heads=2)
+from conftest import TINY
+
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return mv_interp.MVModel(HookedDUSt3R(DUSt3RConfig(**TINY)).eval())
+def model(tiny_model_shared):
+    return tiny_model_shared
 
 
 @pytest.fixture(scope="module")

@@ -387,14 +387,12 @@ def score_heads_per_pair(model: ModelLike, views: Batch, config: Any = None, pro
     run's); returns the scores and ``{unit key: {stat: [pairs, ...]}}`` for the intervals."""
     from ..heads import HeadScorer
 
-    from .uncertainty import HEAD_SUMS
-
     scorer = HeadScorer(model, config)
     scorer.per_sample = {}
     batches = list(Views(views).batches(batch_size))
     for batch in _tqdm(batches, progress, desc="scoring heads", unit="batch"):
         scorer.update(batch)
-    per = {key: {stat: torch.cat(parts).numpy() for stat, parts in stats.items() if stat in HEAD_SUMS}
+    per = {key: {stat: torch.cat(parts).numpy() for stat, parts in stats.items()}
            for key, stats in scorer.per_sample.items()}
     return scorer.result(), per
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from .. import stats
+from ..heads.scoring import PER_SAMPLE_SUMS
 from ..stats import Interval, interval_from
 
 METRICS = ("e2_aligned_v2", "e1_v2", "e1_v1", "e1")
@@ -131,8 +132,7 @@ def contribution_intervals(errors: np.ndarray, blocks: Sequence[int], kinds: Seq
 # --------------------------------------------------------------------------------------
 
 #: Per-pair head-score sums the intervals need (``HeadScorer`` sums of one pair each).
-HEAD_SUMS = ("rows", "samples", "block_mass", "corr_rows", "corr_hits", "corr_chance", "corr_same_pos",
-             "register_mass", "register_chance", "local_mass", "local_chance")
+HEAD_SUMS = PER_SAMPLE_SUMS  # the head scorer keeps exactly these per example
 
 
 def _lift(score: np.ndarray, chance: np.ndarray) -> np.ndarray:
